@@ -10,6 +10,22 @@ from dataclasses import dataclass
 import torch
 
 
+class UnsupportedCheckpoint(ValueError):
+    """A checkpoint outside the supported families; the message names the key and shape that decided it."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block of the architecture: native submodule prefix <-> reference submodule prefix.
+
+    Rows are generated from blocks; parity pairs block outputs through them.
+    """
+
+    native: str
+    source: str
+    kind: str
+
+
 @dataclass(frozen=True)
 class Row:
     """One native parameter and where it comes from.
