@@ -73,11 +73,33 @@ def _concat_inv(t, n):
     return [c.clone() for c in t.chunk(n, dim=0)]  # [n*d, ...] -> n x [d, ...]
 
 
+def _concat_conv1x1_to_linear(ts):
+    # n 1x1 convs (e.g. q, k, v) -> one fused linear
+    return _conv1x1_to_linear([_concat(ts)])  # n x [d, in, 1, 1] -> [n*d, in]
+
+
+def _concat_conv1x1_to_linear_inv(t, n):
+    return _concat_inv(t[:, :, None, None], n)  # [n*d, in] -> n x [d, in, 1, 1]
+
+
+def _transpose(ts):
+    (t,) = ts
+    if t.dim() != 2:
+        raise ValueError(f"transpose expects a matrix, got {tuple(t.shape)}")
+    return t.t()  # [in, out] (x @ W layout) -> [out, in] (Linear layout)
+
+
+def _transpose_inv(t, n):
+    return [t.t()]  # [out, in] -> [in, out]
+
+
 # name -> (forward: list of source tensors -> native tensor, inverse: native tensor, n -> sources)
 TRANSFORMS = {
     "identity": (_identity, _identity_inv),
     "conv1x1_to_linear": (_conv1x1_to_linear, _conv1x1_to_linear_inv),
     "concat": (_concat, _concat_inv),
+    "concat_conv1x1_to_linear": (_concat_conv1x1_to_linear, _concat_conv1x1_to_linear_inv),
+    "transpose": (_transpose, _transpose_inv),
 }
 
 

@@ -1,0 +1,434 @@
+"""Read PyTorch zip checkpoints and .safetensors files safely and lazily.
+
+Safety: the pickle inside a torch zip is read by an unpickler that resolves only the globals needed to
+rebuild tensors and plain containers. Objects that real checkpoints carry but we never need
+(PyTorch-Lightning callbacks, numpy scalars, hyper-parameter namespaces) become inert placeholders;
+their modules are never imported. Any other global is refused before anything runs.
+
+Laziness: unpickling yields `LazyTensor` records (storage key, dtype, offset, shape, stride); the bytes
+of one storage are read only when `Checkpoint.tensor(key)` asks for it, so walking a 4 GB checkpoint
+key by key holds one tensor at a time.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.errors import BadFile, UnsafeFile
+
+# torch's legacy typed-storage classes name the element type of a storage.
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+# safetensors dtype names (the ones a Stable Diffusion file can hold).
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+# Module prefixes whose objects appear in real checkpoints' metadata and are replaced by inert
+# placeholders (never imported): Lightning callbacks/loops, numpy scalars and dtypes, argparse and
+# omegaconf hyper-parameters.
+_INERT_PREFIXES = (
+    "pytorch_lightning.", "lightning.", "lightning_fabric.",
+    "numpy.core.multiarray.", "numpy._core.multiarray.", "numpy.",
+    "argparse.", "omegaconf.", "typing.", "pathlib.",
+)
+_INERT_EXACT = {"builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex"}
+_DANGEROUS_NUMPY = ("numpy.load", "numpy.testing", "numpy.distutils", "numpy.f2py", "numpy.ctypeslib", "numpy.lib")
+
+MAGIC_ZIP = b"PK\x03\x04"
+MAGIC_HDF5 = b"\x89HDF\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class Inert:
+    """Placeholder for an object the checkpoint carries but that we never import or run."""
+
+    _global = "?"
+
+    def __new__(cls, *args, **kwargs):
+        obj = object.__new__(cls)
+        obj.__dict__["_args"] = args
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.__dict__["_state"] = state
+
+    def __setitem__(self, key, value):  # dict-like SETITEMS on a placeholder
+        self.__dict__.setdefault("_items", {})[key] = value
+
+    def __repr__(self):
+        return f"<inert {self._global}>"
+
+
+_inert_classes: dict[str, type] = {}
+
+
+def _inert(name: str) -> type:
+    if name not in _inert_classes:
+        _inert_classes[name] = type(name.rsplit(".", 1)[-1], (Inert,), {"_global": name})
+    return _inert_classes[name]
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    storage: _StorageRef
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.shape, self.storage.dtype)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *rest):
+    if not isinstance(storage, _StorageRef):
+        raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    if any(s < 0 for s in size) or any(s < 0 for s in stride) or offset < 0:
+        raise pickle.UnpicklingError("negative tensor size, stride or offset")
+    if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel:
+        raise pickle.UnpicklingError(f"tensor view runs past its storage '{storage.key}'")
+    return LazyTensor(storage, int(offset), size, stride)
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    """Protocol-2 pickles spell a bytes object as _codecs.encode(str, 'latin1'); nothing else is allowed."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode used for something other than bytes")
+    return text.encode("latin1")
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *rest):
+    return data
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Resolves only an allow-list of globals; everything else is refused by name."""
+
+    _ALLOWED = {
+        "collections.OrderedDict": OrderedDict,
+        "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+        "torch._utils._rebuild_tensor": _rebuild_tensor,
+        "torch._utils._rebuild_parameter": _rebuild_parameter,
+        "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
+        "_codecs.encode": _latin1_bytes,
+        "builtins.dict": dict,
+        "builtins.list": list,
+        "builtins.tuple": tuple,
+    }
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        full = f"{module}.{name}"
+        if full in self._ALLOWED:
+            return self._ALLOWED[full]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if module == "torch" and name in ("Size",):
+            return tuple
+        if (full in _INERT_EXACT or full.startswith(_INERT_PREFIXES)) and not full.startswith(_DANGEROUS_NUMPY):
+            if full.startswith("numpy.") and name not in ("scalar", "dtype", "_reconstruct", "ndarray") \
+                    and not name.endswith("DType"):
+                raise UnsafeFile(f"{self.path}: refused to load global '{full}' (not on sdport's allow-list); nothing was executed")
+            return _inert(full)
+        raise UnsafeFile(f"{self.path}: refused to load global '{full}' (not on sdport's allow-list); nothing was executed")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:60]!r}")
+        _, dtype, key, _location, numel = pid
+        if not isinstance(dtype, torch.dtype) or not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError("malformed storage record")
+        return _StorageRef(key, dtype, numel)
+
+
+def _find_state_dict(obj, path: str):
+    """Top-level object -> (wrapper name, state dict of LazyTensors, metadata)."""
+    if not isinstance(obj, dict):
+        raise BadFile(f"{path}: the pickle holds a {type(obj).__name__}, not a dict of tensors")
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        return "lightning", obj["state_dict"], meta
+    if any(isinstance(v, LazyTensor) for v in obj.values()):
+        return "flat", obj, {}
+    for k in ("model", "module", "params"):
+        if isinstance(obj.get(k), dict) and any(isinstance(v, LazyTensor) for v in obj[k].values()):
+            return f"nested:{k}", obj[k], {kk: v for kk, v in obj.items() if kk != k}
+    raise BadFile(f"{path}: no state dict found (top-level keys: {sorted(map(str, obj))[:8]})")
+
+
+def _describe(v):
+    if isinstance(v, (int, float, str, bool)) or v is None:
+        return v
+    if isinstance(v, Inert):
+        return repr(v)
+    if isinstance(v, dict):
+        return {str(k): _describe(x) for k, x in list(v.items())[:20]}
+    if isinstance(v, (list, tuple)):
+        return [_describe(x) for x in v[:20]]
+    return type(v).__name__
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: keys, shapes and dtypes up front; tensor bytes on demand."""
+
+    path: str
+    container: str  # "torch-zip" | "safetensors"
+    wrapper: str  # "lightning" | "flat" | "nested:<key>" | "safetensors"
+    infos: dict[str, TensorInfo]
+    metadata: dict = field(default_factory=dict)
+    non_tensors: list[str] = field(default_factory=list)
+    _reader: object = None
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """Materialise one tensor (its own memory, C-contiguous)."""
+        if key not in self.infos:
+            raise KeyError(key)
+        return self._reader(key)
+
+    def items(self):
+        for k in self.infos:
+            yield k, self.tensor(k)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def close(self):
+        closer = getattr(self._reader, "close", None)
+        if closer:
+            closer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _ZipReader:
+    def __init__(self, path, zf: zipfile.ZipFile, prefix: str, tensors: dict[str, LazyTensor], big_endian: bool):
+        self.path, self.zf, self.prefix, self.tensors = path, zf, prefix, tensors
+        self.big_endian = big_endian
+        self._cache: tuple[str, torch.Tensor] | None = None
+
+    def _storage(self, ref: _StorageRef) -> torch.Tensor:
+        if self._cache and self._cache[0] == ref.key:
+            return self._cache[1]
+        name = f"{self.prefix}data/{ref.key}"
+        try:
+            info = self.zf.getinfo(name)
+        except KeyError:
+            raise BadFile(f"{self.path}: storage '{name}' is missing from the archive") from None
+        want = ref.numel * ref.dtype.itemsize
+        if info.file_size != want:
+            raise BadFile(f"{self.path}: storage '{name}' holds {info.file_size} bytes, expected {want}")
+        try:
+            with self.zf.open(info) as f:
+                raw = bytearray(f.read(want + 1))
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise BadFile(f"{self.path}: cannot read storage '{name}': {e}") from None
+        if len(raw) != want:
+            raise BadFile(f"{self.path}: storage '{name}' is truncated ({len(raw)} of {want} bytes)")
+        t = torch.frombuffer(raw, dtype=ref.dtype) if want else torch.empty(0, dtype=ref.dtype)
+        if self.big_endian and ref.dtype.itemsize > 1:
+            t = torch.from_numpy(t.numpy().byteswap())
+        self._cache = (ref.key, t)
+        return t
+
+    def __call__(self, key):
+        lt = self.tensors[key]
+        storage = self._storage(lt.storage)
+        return storage.as_strided(lt.shape, lt.stride, lt.offset).clone()
+
+    def close(self):
+        self._cache = None
+        self.zf.close()
+
+
+def _open_zip(path: str) -> Checkpoint:
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise BadFile(f"{path}: not a readable zip archive ({e})") from None
+    pkl = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
+    if not pkl:
+        zf.close()
+        raise BadFile(f"{path}: zip archive without a data.pkl (not a PyTorch checkpoint)")
+    prefix = pkl[0][: -len("data.pkl")]
+    big_endian = False
+    if f"{prefix}byteorder" in zf.namelist():
+        big_endian = zf.read(f"{prefix}byteorder").strip() == b"big"
+    info = zf.getinfo(pkl[0])
+    if info.file_size > 1 << 30:
+        zf.close()
+        raise BadFile(f"{path}: data.pkl claims {info.file_size} bytes; refusing to inflate it")
+    try:
+        data = zf.read(pkl[0])
+        obj = _SafeUnpickler(io.BytesIO(data), path).load()
+    except UnsafeFile:
+        zf.close()
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, zipfile.BadZipFile, OSError, RecursionError, MemoryError, struct.error) as e:
+        zf.close()
+        raise BadFile(f"{path}: corrupt checkpoint pickle ({type(e).__name__}: {str(e)[:120]})") from None
+    wrapper, sd, meta = _find_state_dict(obj, path)
+    tensors, others = {}, []
+    for k, v in sd.items():
+        if isinstance(v, LazyTensor):
+            tensors[str(k)] = v
+        else:
+            others.append(str(k))
+    infos = {k: v.info for k, v in tensors.items()}
+    return Checkpoint(path, "torch-zip", wrapper, infos, {k: _describe(v) for k, v in meta.items()},
+                      others, _ZipReader(path, zf, prefix, tensors, big_endian))
+
+
+class _SafetensorsReader:
+    def __init__(self, path, base: int, entries: dict[str, tuple[TensorInfo, int, int]]):
+        self.path, self.base, self.entries = path, base, entries
+        self.f = open(path, "rb")
+
+    def __call__(self, key):
+        info, start, end = self.entries[key]
+        self.f.seek(self.base + start)
+        raw = bytearray(self.f.read(end - start))
+        if len(raw) != end - start:
+            raise BadFile(f"{self.path}: tensor '{key}' is truncated")
+        if not raw:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(raw, dtype=info.dtype).reshape(info.shape)
+
+    def close(self):
+        self.f.close()
+
+
+def _open_safetensors(path: str, size: int) -> Checkpoint:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):
+            raise BadFile(f"{path}: safetensors header claims {n} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadFile(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise BadFile(f"{path}: safetensors header is not a JSON object")
+    base, data_len = 8 + n, size - 8 - n
+    meta = header.pop("__metadata__", None) or {}
+    entries, spans = {}, []
+    for key, e in header.items():
+        try:
+            dtype = _ST_DTYPES[e["dtype"]]
+            shape = tuple(int(s) for s in e["shape"])
+            start, end = (int(x) for x in e["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise BadFile(f"{path}: safetensors entry '{key}' is malformed: {str(e)[:80]}") from None
+        info = TensorInfo(shape, dtype)
+        if any(s < 0 for s in shape) or not 0 <= start <= end <= data_len or end - start != info.nbytes:
+            raise BadFile(f"{path}: safetensors entry '{key}' (shape {list(shape)}, {e['dtype']}) claims bytes "
+                          f"{start}..{end} of a {data_len}-byte data section")
+        entries[key] = (info, start, end)
+        spans.append((start, end, key))
+    spans.sort()
+    for (s0, e0, k0), (s1, e1, k1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise BadFile(f"{path}: safetensors entries '{k0}' and '{k1}' overlap")
+    # File order = data order: keys come back sorted by offset, as they were written.
+    ordered = {k: entries[k][0] for _, _, k in spans}
+    return Checkpoint(path, "safetensors", "safetensors", ordered, {"__metadata__": meta}, [],
+                      _SafetensorsReader(path, base, {k: entries[k] for k in ordered}))
+
+
+def sniff(path: str) -> str:
+    """Container format from content: 'torch-zip', 'safetensors', 'hdf5' (or BadFile)."""
+    if os.path.isdir(path):
+        raise BadFile(f"{path}: is a directory, not a checkpoint file")
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        raise BadFile(f"{path}: no such file") from None
+    except OSError as e:
+        raise BadFile(f"{path}: cannot read ({e.strerror})") from None
+    if size == 0:
+        raise BadFile(f"{path}: empty file")
+    if head.startswith(MAGIC_ZIP):
+        return "torch-zip"
+    if head.startswith(MAGIC_HDF5):
+        return "hdf5"
+    if len(head) >= 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if n <= size - 8:
+            return "safetensors"
+        raise BadFile(f"{path}: safetensors header claims {n} bytes but the file has {size} (truncated?)")
+    if head[:1] == b"\x80":
+        raise BadFile(f"{path}: a bare pickle or legacy (pre-1.6) PyTorch file; only zip checkpoints and .safetensors are read")
+    raise BadFile(f"{path}: not a checkpoint (neither a PyTorch zip archive nor .safetensors)")
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a .ckpt/.pt/.bin (PyTorch zip) or .safetensors file; the format comes from its content."""
+    path = os.fspath(path)
+    kind = sniff(path)
+    if kind == "torch-zip":
+        return _open_zip(path)
+    if kind == "safetensors":
+        return _open_safetensors(path, os.path.getsize(path))
+    raise BadFile(f"{path}: an HDF5 file, not a checkpoint (use `sdport inspect` or `sdport verify` on it)")

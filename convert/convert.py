@@ -1,0 +1,173 @@
+"""checkpoint -> sdport HDF5 layout, and the inverse export back to the source key names."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import __version__
+from ..models.errors import SdportError
+from ..models.layout import SCHEDULE, LayoutReader, LayoutWriter
+from .checkpoint import open_checkpoint
+from .detect import LATENT_SCALE_SD_V1, Plan, plan
+from .table import Row, forward, inverse
+
+CAST = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Summary:
+    out: str
+    plan: Plan
+    written: dict[str, int] = field(default_factory=dict)  # component -> datasets
+    bytes_written: int = 0
+    nonfinite: dict[str, int] = field(default_factory=dict)  # source key -> count of NaN/Inf values
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    # Only floating-point parameters change dtype; integer buffers keep theirs.
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: str = "auto",
+            strict: bool = False, force: bool = False, num_heads: int | None = None,
+            compression: str | None = None, progress=None) -> Summary:
+    """Convert `src` to `out`. `progress(n)` is called with the number of tensors done so far."""
+    if dtype not in CAST:
+        raise SdportError(f"--dtype {dtype}: expected one of {', '.join(CAST)}")
+    cast = CAST[dtype]
+    with open_checkpoint(src) as ckpt:
+        p = plan(ckpt, components=components, ema=ema, num_heads=num_heads)
+        if strict and p.unknown:
+            raise SdportError(f"{src}: {len(p.unknown)} unknown key(s) under --strict, first '{p.unknown[0]}'")
+        if not p.components:
+            raise SdportError(f"{src}: no supported component found" + (f" among {sorted(components)}" if components else ""))
+        summary = Summary(out, p)
+        attrs = {
+            "tool_version": __version__,
+            "source_file": os.path.basename(src),
+            "source_sha256": file_sha256(src),
+            "source_format": ckpt.container,
+            "source_wrapper": ckpt.wrapper,
+            "family": p.family,
+            "variant": p.variant,
+            "variant_evidence": p.evidence,
+            "ema": p.ema,
+            "dtype_policy": dtype,
+        }
+        done = 0
+        with LayoutWriter(out, force=force, attrs=attrs, compression=compression) as w:
+            for name, cp in p.components.items():
+                w.group(name, config=cp.config_dict,
+                        attrs={"source_prefix": cp.prefix, "source_format": cp.source_format})
+                for row in cp.rows:
+                    tensors = [ckpt.tensor(cp.key_of[s]) for s in row.sources]
+                    for s, t in zip(row.sources, tensors):
+                        if t.is_floating_point() and (bad := int((~torch.isfinite(t)).sum())):
+                            summary.nonfinite[cp.key_of[s]] = bad
+                    native = _cast(forward(row, tensors), cast)
+                    w.write(name, row.native, native, sources=[cp.key_of[s] for s in row.sources],
+                            transform=row.transform)
+                    summary.bytes_written += native.numel() * native.element_size()
+                    done += 1
+                    if progress:
+                        progress(done)
+                summary.written[name] = len(cp.rows)
+            if "unet" in p.components and p.ema.get("present") and ema != "ignore":
+                p.ema["differs"] = _ema_differs(ckpt, p)
+                w.set_attr("ema", p.ema)
+            if p.schedule:
+                w.group(SCHEDULE, attrs={"latent_scale": LATENT_SCALE_SD_V1})
+                for k in p.schedule:
+                    # Schedule buffers keep their dtype: samplers need them exact.
+                    w.write(SCHEDULE, k, ckpt.tensor(k), sources=[k])
+                    done += 1
+                    if progress:
+                        progress(done)
+                summary.written[SCHEDULE] = len(p.schedule)
+            w.set_attr("ignored", p.ignored)
+            w.set_attr("unknown_keys", p.unknown)
+    return summary
+
+
+def _ema_differs(ckpt, p: Plan) -> bool | None:
+    """Whether the EMA copy differs from model.diffusion_model.* (None when only one is present)."""
+    from .detect import ema_key
+    cp = p.components["unet"]
+    for row in cp.rows:
+        for s in row.sources:
+            a, b = cp.prefix + s, ema_key(s)
+            if a not in ckpt.infos or b not in ckpt.infos:
+                return None
+            if not torch.equal(ckpt.tensor(a), ckpt.tensor(b)):
+                return True
+    return False
+
+
+def total_tensors(p: Plan) -> int:
+    return sum(len(c.rows) for c in p.components.values()) + len(p.schedule)
+
+
+def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None) -> dict[str, int]:
+    """Inverse mapping: write the native tensors back under their source key names.
+
+    `.safetensors` -> a flat safetensors file; anything else -> a PyTorch zip checkpoint, Lightning-
+    wrapped ({"state_dict": ...}) unless `wrapper="flat"`. Returns tensors written per component.
+    """
+    from ..models.config import from_dict
+    from ..models.load import MODELS
+    from . import clip_text, unet, vae, vit
+
+    if os.path.exists(out) and not force:
+        raise SdportError(f"{out}: already exists (use --force to overwrite)")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise SdportError(f"{out}: output directory {parent} does not exist")
+    rows_of = {
+        "unet": lambda c, f: unet.rows(c),
+        "text_model": lambda c, f: clip_text.rows(c),
+        "encoder": lambda c, f: vae.encoder_rows(c),
+        "decoder": lambda c, f: vae.decoder_rows(c),
+        "vit": lambda c, f: vit.rows(c, f),
+    }
+    sd: dict[str, torch.Tensor] = {}
+    counts = {}
+    with LayoutReader(h5) as r:
+        for name in r.components():
+            ga = r.group_attrs(name)
+            cfg = from_dict(MODELS[name][0], r.config(name))
+            prefix = ga.get("source_prefix", "")
+            rows: list[Row] = rows_of[name](cfg, ga.get("source_format", "compvis"))
+            for row in rows:
+                for k, t in inverse(row, r.tensor(name, row.native).clone()).items():
+                    sd[prefix + k] = t
+            counts[name] = len(rows)
+        if r.has(SCHEDULE):
+            for k in r.keys(SCHEDULE):
+                sd[k] = r.tensor(SCHEDULE, k).clone()
+            counts[SCHEDULE] = len(r.keys(SCHEDULE))
+    partial = out + ".partial"
+    try:
+        if out.endswith(".safetensors"):
+            from safetensors.torch import save_file
+            save_file(sd, partial, metadata={"format": "pt", "exported_by": f"sdport {__version__}"})
+        else:
+            torch.save(sd if wrapper == "flat" else {"state_dict": sd}, partial)
+        os.replace(partial, out)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
+    return counts
+
+

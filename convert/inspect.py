@@ -1,0 +1,85 @@
+"""What is inside a checkpoint or an sdport .h5 file, as a JSON-able dict."""
+from __future__ import annotations
+
+from collections import Counter
+
+from ..models.errors import SdportError
+from ..models.layout import SCHEDULE, LayoutReader
+from .checkpoint import open_checkpoint, sniff
+from .detect import EMA_PREFIX, SCHEDULE_KEYS, plan
+
+# Key prefixes that name the components of a CompVis (and CLIP) checkpoint.
+PREFIXES = {
+    "model.diffusion_model.": "unet",
+    "model_ema.": "unet_ema",
+    "cond_stage_model.transformer.text_model.": "text_model",
+    "cond_stage_model.model.visual.": "vit",
+    "visual.": "vit",
+    "vision_model.": "vit",
+    "visual_projection.": "vit",
+    "first_stage_model.encoder.": "encoder",
+    "first_stage_model.quant_conv.": "encoder",
+    "first_stage_model.decoder.": "decoder",
+    "first_stage_model.post_quant_conv.": "decoder",
+}
+
+
+def _component_of(key: str) -> str | None:
+    for prefix, name in PREFIXES.items():
+        if key.startswith(prefix):
+            return name
+    if key in SCHEDULE_KEYS:
+        return "schedule"
+    return None
+
+
+def inspect_checkpoint(path: str) -> dict:
+    with open_checkpoint(path) as ck:
+        dtypes = Counter(str(i.dtype).replace("torch.", "") for i in ck.infos.values())
+        by_comp = Counter(_component_of(k) or "unknown" for k in ck.infos)
+        info = {
+            "file": path,
+            "kind": "checkpoint",
+            "container": ck.container,
+            "wrapper": ck.wrapper,
+            "tensors": len(ck.infos),
+            "bytes": ck.nbytes,
+            "dtypes": dict(dtypes),
+            "components": {k: v for k, v in by_comp.items() if k != "unknown"},
+            "ema": any(k.startswith(EMA_PREFIX) for k in ck.infos),
+            "metadata": {k: v for k, v in ck.metadata.items() if k != "__metadata__"} or ck.metadata.get("__metadata__", {}),
+            "non_tensor_entries": ck.non_tensors,
+        }
+        if "model.diffusion_model.input_blocks.0.0.weight" in ck.infos:
+            shape = list(ck.infos["model.diffusion_model.input_blocks.0.0.weight"].shape)
+            info["unet_in_channels"] = shape[1]
+        try:
+            p = plan(ck)
+            info["family"], info["variant"] = p.family, p.variant
+            info["evidence"] = p.evidence
+            info["configs"] = {n: c.config_dict for n, c in p.components.items()}
+            info["ignored"] = p.ignored
+            info["unknown_keys"] = p.unknown
+        except SdportError as e:
+            info["family"], info["variant"] = "unsupported", None
+            info["error"] = str(e)
+            info["unknown_keys"] = [k for k in ck.infos if _component_of(k) is None]
+    return info
+
+
+def inspect_layout(path: str) -> dict:
+    with LayoutReader(path) as r:
+        out = {"file": path, "kind": "sdport-layout", **{k: v for k, v in r.attrs.items() if k != "ignored"},
+               "components": {}}
+        for name in [*r.components(), *([SCHEDULE] if r.has(SCHEDULE) else [])]:
+            keys = r.keys(name)
+            nbytes = sum(r.f[name][k].nbytes for k in keys)
+            dtypes = Counter(str(r.f[name][k].attrs.get("dtype", "")) for k in keys)
+            entry = {"datasets": len(keys), "bytes": int(nbytes), "dtypes": dict(dtypes)}
+            entry.update({k: v for k, v in r.group_attrs(name).items()})
+            out["components"][name] = entry
+    return out
+
+
+def inspect(path: str) -> dict:
+    return inspect_layout(path) if sniff(path) == "hdf5" else inspect_checkpoint(path)

@@ -1,0 +1,205 @@
+"""Mapping table: CompVis `first_stage_model.*` (the KL autoencoder) <-> native VAEEncoder / VAEDecoder.
+
+Source keys are relative to SOURCE_PREFIX. The encoder table covers `encoder.*` and `quant_conv.*`,
+the decoder table `decoder.*` and `post_quant_conv.*`. CompVis numbers decoder levels by resolution
+(`decoder.up.0` is the full-resolution level, run last); native `up.0` is the level that runs first.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..models.vae import NORM_GROUPS, VAEConfig, VAEDecoder, VAEEncoder
+from .table import Block, Row, UnsupportedCheckpoint, invert
+
+SOURCE_PREFIX = "first_stage_model."
+
+IGNORED: list[tuple[str, str]] = [
+    (r"^loss\.", "training loss (LPIPS network, discriminator, logvar) that autoencoder checkpoints carry;"
+                  " not used for inference"),
+]
+
+
+# --- blocks -------------------------------------------------------------------------------------
+
+
+def _mid_blocks(src: str) -> list[Block]:
+    return [
+        Block("mid.res1", f"{src}.mid.block_1", "resnet"),
+        Block("mid.attn", f"{src}.mid.attn_1", "attention"),
+        Block("mid.res2", f"{src}.mid.block_2", "resnet"),
+    ]
+
+
+def encoder_blocks(cfg: VAEConfig) -> list[Block]:
+    n = len(cfg.ch_mult)
+    out = [Block("conv_in", "encoder.conv_in", "conv")]
+    for i in range(n):
+        for j in range(cfg.num_res_blocks):
+            out.append(Block(f"down.{i}.res.{j}", f"encoder.down.{i}.block.{j}", "resnet"))
+        if i < n - 1:
+            out.append(Block(f"down.{i}.downsample", f"encoder.down.{i}.downsample", "downsample"))
+    out += _mid_blocks("encoder")
+    out += [
+        Block("norm_out", "encoder.norm_out", "norm"),
+        Block("conv_out", "encoder.conv_out", "conv"),
+        Block("quant_conv", "quant_conv", "conv"),
+    ]
+    return out
+
+
+def decoder_blocks(cfg: VAEConfig) -> list[Block]:
+    n = len(cfg.ch_mult)
+    out = [Block("post_quant_conv", "post_quant_conv", "conv"), Block("conv_in", "decoder.conv_in", "conv")]
+    out += _mid_blocks("decoder")
+    for i in range(n):
+        level = n - 1 - i  # CompVis index of the level that runs i-th
+        for j in range(cfg.num_res_blocks + 1):
+            out.append(Block(f"up.{i}.res.{j}", f"decoder.up.{level}.block.{j}", "resnet"))
+        if i < n - 1:
+            out.append(Block(f"up.{i}.upsample", f"decoder.up.{level}.upsample", "upsample"))
+    out += [Block("norm_out", "decoder.norm_out", "norm"), Block("conv_out", "decoder.conv_out", "conv")]
+    return out
+
+
+# --- rows ---------------------------------------------------------------------------------------
+
+
+def _wb(native: str, source: str, transform: str = "identity") -> list[Row]:
+    rows = [Row(f"{native}.weight", (f"{source}.weight",), transform)]
+    return rows + [Row(f"{native}.bias", (f"{source}.bias",))]
+
+
+def _block_rows(b: Block, has_shortcut: bool) -> list[Row]:
+    n, s = b.native, b.source
+    if b.kind in ("conv", "norm"):
+        return _wb(n, s)
+    if b.kind in ("downsample", "upsample"):
+        return _wb(f"{n}.conv", f"{s}.conv")
+    if b.kind == "resnet":
+        rows = _wb(f"{n}.norm1", f"{s}.norm1") + _wb(f"{n}.conv1", f"{s}.conv1")
+        rows += _wb(f"{n}.norm2", f"{s}.norm2") + _wb(f"{n}.conv2", f"{s}.conv2")
+        return rows + (_wb(f"{n}.shortcut", f"{s}.nin_shortcut") if has_shortcut else [])
+    if b.kind == "attention":
+        qkv = tuple(f"{s}.{p}" for p in "qkv")
+        return _wb(f"{n}.norm", f"{s}.norm") + [
+            Row(f"{n}.qkv.weight", tuple(f"{p}.weight" for p in qkv), "concat_conv1x1_to_linear"),
+            Row(f"{n}.qkv.bias", tuple(f"{p}.bias" for p in qkv), "concat"),
+            *_wb(f"{n}.proj", f"{s}.proj_out", "conv1x1_to_linear"),
+        ]
+    raise ValueError(f"no rows for block kind {b.kind!r}")
+
+
+def _shortcuts_encoder(cfg: VAEConfig) -> set[str]:
+    """Native prefixes of encoder res blocks whose width changes (they carry a 1x1 shortcut)."""
+    widths = [cfg.ch * m for m in cfg.ch_mult]
+    prev = [cfg.ch] + widths
+    return {f"down.{i}.res.0" for i in range(len(widths)) if prev[i] != widths[i]}
+
+
+def _shortcuts_decoder(cfg: VAEConfig) -> set[str]:
+    widths = [cfg.ch * m for m in reversed(cfg.ch_mult)]
+    return {f"up.{i}.res.0" for i in range(1, len(widths)) if widths[i - 1] != widths[i]}
+
+
+def encoder_rows(cfg: VAEConfig) -> list[Row]:
+    sc = _shortcuts_encoder(cfg)
+    return [r for b in encoder_blocks(cfg) for r in _block_rows(b, b.native in sc)]
+
+
+def decoder_rows(cfg: VAEConfig) -> list[Row]:
+    sc = _shortcuts_decoder(cfg)
+    return [r for b in decoder_blocks(cfg) for r in _block_rows(b, b.native in sc)]
+
+
+def is_ignored(key: str) -> bool:
+    return any(re.search(p, key) for p, _ in IGNORED)
+
+
+# --- config from shapes -------------------------------------------------------------------------
+
+
+def source_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    """The CompVis key -> shape set that `cfg` implies (built on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        enc, dec = VAEEncoder(cfg), VAEDecoder(cfg)
+    src = invert(encoder_rows(cfg), enc.state_dict())
+    src.update(invert(decoder_rows(cfg), dec.state_dict()))
+    return {k: tuple(v.shape) for k, v in src.items()}
+
+
+def _need(shapes: dict, key: str, ndim: int) -> tuple[int, ...]:
+    if key not in shapes:
+        raise UnsupportedCheckpoint(f"VAE: key {key!r} missing; expected a {ndim}-d tensor (no KL autoencoder found)")
+    s = tuple(shapes[key])
+    if len(s) != ndim:
+        raise UnsupportedCheckpoint(f"VAE: key {key!r} has shape {s}; expected a {ndim}-d tensor")
+    return s
+
+
+def _levels(shapes: dict, pattern: str) -> int:
+    found = {int(m.group(1)) for k in shapes if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:
+    """Prefix-stripped CompVis VAE keys -> shapes  =>  the VAEConfig they describe.
+
+    Raises UnsupportedCheckpoint, naming the key, the shape found and the shape expected, on anything
+    outside the family (attention outside the middle block, widths that GroupNorm(32) cannot split, ...).
+    """
+    shapes = {k: tuple(v) for k, v in shapes.items()}
+    conv_in = _need(shapes, "encoder.conv_in.weight", 4)  # [ch, in, 3, 3]
+    ch, in_channels = conv_in[0], conv_in[1]
+    if ch % NORM_GROUPS:
+        raise UnsupportedCheckpoint(
+            f"VAE: key 'encoder.conv_in.weight' has shape {conv_in}; expected an output width that is a multiple"
+            f" of {NORM_GROUPS} (GroupNorm groups)"
+        )
+    n_levels = _levels(shapes, r"encoder\.down\.(\d+)\.")
+    n_res = _levels(shapes, r"encoder\.down\.0\.block\.(\d+)\.")
+    if n_levels == 0 or n_res == 0:
+        raise UnsupportedCheckpoint("VAE: no 'encoder.down.0.block.0.*' keys; expected a CompVis KL autoencoder encoder")
+    ch_mult = []
+    for i in range(n_levels):
+        w = _need(shapes, f"encoder.down.{i}.block.0.conv1.weight", 4)[0]
+        if w % ch:
+            raise UnsupportedCheckpoint(
+                f"VAE: key 'encoder.down.{i}.block.0.conv1.weight' has shape {shapes[f'encoder.down.{i}.block.0.conv1.weight']};"
+                f" expected an output width that is a multiple of ch={ch}"
+            )
+        ch_mult.append(w // ch)
+    conv_out = _need(shapes, "encoder.conv_out.weight", 4)  # [2z, C, 3, 3]
+    if conv_out[0] % 2:
+        raise UnsupportedCheckpoint(
+            f"VAE: key 'encoder.conv_out.weight' has shape {conv_out}; expected an even output width (mean and logvar)"
+        )
+    quant = _need(shapes, "quant_conv.weight", 4)  # [2E, 2z, 1, 1]
+    if quant[0] % 2:
+        raise UnsupportedCheckpoint(
+            f"VAE: key 'quant_conv.weight' has shape {quant}; expected an even output width (mean and logvar)"
+        )
+    out_ch = _need(shapes, "decoder.conv_out.weight", 4)[0]
+    try:
+        cfg = VAEConfig(
+            ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=n_res, z_channels=conv_out[0] // 2,
+            embed_dim=quant[0] // 2, in_channels=in_channels, out_channels=out_ch,
+        )
+    except ValueError as e:
+        raise UnsupportedCheckpoint(f"VAE: key 'encoder.conv_in.weight' has shape {conv_in}: {e}") from None
+
+    # Every key the config implies must be there with its shape; nothing else may be, unless ignored.
+    expected = source_shapes(cfg)
+    for k, s in expected.items():
+        if k not in shapes:
+            raise UnsupportedCheckpoint(f"VAE: key {k!r} missing; expected shape {s} for {cfg}")
+        if shapes[k] != s:
+            raise UnsupportedCheckpoint(f"VAE: key {k!r} has shape {shapes[k]}; expected {s} for {cfg}")
+    for k in sorted(shapes):
+        if k not in expected and not is_ignored(k):
+            raise UnsupportedCheckpoint(
+                f"VAE: unexpected key {k!r} with shape {shapes[k]}; expected only the keys of {cfg}"
+                " (attention outside the middle block is not supported)"
+            )
+    return cfg

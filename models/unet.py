@@ -1,0 +1,353 @@
+"""The Stable Diffusion v1 UNet: a noise predictor conditioned on a timestep and a text context.
+
+Computes what CompVis' `UNetModel` computes with the SD v1 settings (spatial transformers with 1x1-conv
+projections, fixed head count, GEGLU feed-forward), laid out the way the architecture reads:
+
+    time_embed                      sinusoidal timestep features -> MLP -> emb
+    conv_in
+    down.{level}.res.{j}            ResBlock (+ down.{level}.attn.{j}, a SpatialTransformer, where enabled)
+    down.{level}.downsample         stride-2 conv (all levels but the last)
+    mid.res.0, mid.attn, mid.res.1
+    up.{level}.res.{j}              ResBlock on [h, skip] (+ up.{level}.attn.{j}); num_res_blocks + 1 per level
+    up.{level}.upsample             nearest x2 then conv (all levels but the first)
+    norm_out, conv_out
+
+`up` is indexed by level like `down` (up.0 is full resolution and runs last), so a level's skips come
+from the down level with the same index.
+
+Fast by construction: one fused q/k/v projection for self-attention, fused k/v for cross-attention,
+token-space `nn.Linear` for the 1x1 projections, `scaled_dot_product_attention`, and optional chunking
+of attention along query tokens (`UNet.set_attention_chunk`) to bound peak memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPS = 32  # GroupNorm groups everywhere in the UNet
+RES_NORM_EPS = 1e-5  # ResBlocks and norm_out (ldm's GroupNorm32: nn.GroupNorm default eps)
+ATTN_NORM_EPS = 1e-6  # SpatialTransformer.norm (ldm's Normalize: eps 1e-6, no fp32 upcast)
+MAX_PERIOD = 10000.0  # timestep embedding
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4  # 9 for the inpainting UNet (latent + mask + masked-image latent)
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with a SpatialTransformer (ldm: ds = 2**level)
+    num_heads: int = 8  # fixed per layer; head dim = channels // num_heads varies with the level
+    transformer_depth: int = 1
+    context_dim: int = 768
+
+    def __post_init__(self):
+        if not self.channel_mult:
+            raise ValueError("channel_mult is empty")
+        for c in self.level_channels:
+            if c % GROUPS:
+                raise ValueError(f"level width {c} is not divisible by {GROUPS} GroupNorm groups")
+        for level in self.attention_levels:
+            if not 0 <= level < len(self.channel_mult):
+                raise ValueError(f"attention level {level} outside 0..{len(self.channel_mult) - 1}")
+        for c in [self.level_channels[i] for i in self.attention_levels] + [self.level_channels[-1]]:
+            if c % self.num_heads:
+                raise ValueError(f"attention width {c} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def level_channels(self) -> tuple[int, ...]:
+        return tuple(self.model_channels * m for m in self.channel_mult)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @classmethod
+    def sd_v1(cls) -> "UNetConfig":
+        return cls()
+
+    @classmethod
+    def sd_v1_inpainting(cls) -> "UNetConfig":
+        return cls(in_channels=9)
+
+    @classmethod
+    def tiny(cls) -> "UNetConfig":
+        return cls(
+            model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
+            num_heads=2, transformer_depth=1, context_dim=8,
+        )
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = MAX_PERIOD) -> torch.Tensor:
+    """[B] timesteps (int or float) -> [B, dim] fp32 features: cos half then sin half, as ldm."""
+    half = dim // 2
+    # Frequencies on the CPU, then moved, as ldm does: keeps the last bits equal on every device.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    args = t[:, None].float() * freqs[None]  # [B, 1] * [1, half] -> [B, half]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, 2*half]
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))  # [B, dim]
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever the activation dtype (fp16-safe statistics), cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Softmax attention, scale head_dim**-0.5. q [B, h, N, d], k/v [B, h, M, d] -> [B, h, N, d].
+
+    With `chunk`, query rows are processed `chunk` at a time: each row's result is the same math,
+    but the [N, M] score matrix never exists whole.
+    """
+    n = q.shape[2]
+    if chunk is None or chunk >= n:
+        return F.scaled_dot_product_attention(q, k, v)
+    out = torch.empty_like(q)
+    for i in range(0, n, chunk):
+        out[:, :, i : i + chunk] = F.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v)
+    return out
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.chunk: int | None = None  # query-chunk size, set by UNet.set_attention_chunk
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # rows: to_q | to_k | to_v
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.heads, c // self.heads)  # [B, N, 3C] -> [B, N, 3, h, d]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # -> 3 x [B, h, N, d]
+        o = attend(q, k, v, self.chunk)
+        return self.out(o.transpose(1, 2).reshape(b, n, c))  # [B, h, N, d] -> [B, N, C]
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.chunk: int | None = None
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)  # rows: to_k | to_v
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        m, h = context.shape[1], self.heads
+        q = self.q(x).view(b, n, h, c // h).transpose(1, 2)  # [B, N, C] -> [B, h, N, d]
+        kv = self.kv(context).view(b, m, 2, h, c // h)  # [B, M, 2C] -> [B, M, 2, h, d]
+        k, v = kv.permute(2, 0, 3, 1, 4)  # -> 2 x [B, h, M, d]
+        o = attend(q, k, v, self.chunk)
+        return self.out(o.transpose(1, 2).reshape(b, n, c))  # [B, h, N, d] -> [B, N, C]
+
+
+class FeedForward(nn.Module):
+    """GEGLU: proj to 2 x 4C, value * gelu(gate), back to C."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * mult * dim)  # rows: value | gate
+        self.out = nn.Linear(mult * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)  # [B, N, 8C] -> 2 x [B, N, 4C]
+        return self.out(value * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention on the context, feed-forward; each residual."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Feature map -> tokens -> transformer blocks -> feature map, plus the input (residual)."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, depth: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(GROUPS, channels, eps=ATTN_NORM_EPS)
+        self.proj_in = nn.Linear(channels, channels)  # a 1x1 conv in the checkpoint
+        self.blocks = nn.ModuleList(TransformerBlock(channels, context_dim, heads) for _ in range(depth))
+        self.proj_out = nn.Linear(channels, channels)  # a 1x1 conv in the checkpoint
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = self.norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
+        t = self.proj_in(t)
+        for block in self.blocks:
+            t = block(t, context)
+        t = self.proj_out(t)
+        return x + t.transpose(1, 2).reshape(b, c, h, w)  # [B, H*W, C] -> [B, C, H, W]
+
+
+class ResBlock(nn.Module):
+    """norm-SiLU-conv, add the projected timestep embedding, norm-SiLU-conv, plus the (projected) input."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int):
+        super().__init__()
+        self.norm1 = GroupNorm32(GROUPS, cin, eps=RES_NORM_EPS)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_proj = nn.Linear(emb_dim, cout)
+        self.norm2 = GroupNorm32(GROUPS, cout, eps=RES_NORM_EPS)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(F.silu(emb)).to(h.dtype)[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.skip is None else self.skip(x)) + h
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # [B, C, H, W] -> [B, C, 2H, 2W]
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, dim: int, emb_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim, emb_dim)
+        self.linear_2 = nn.Linear(emb_dim, emb_dim)
+
+    def forward(self, t_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(t_features)))
+
+
+class Level(nn.Module):
+    """One resolution of the down or up path: res blocks, their transformers, and the resampler."""
+
+    def __init__(self, res, attn, resample: str | None, resampler: nn.Module | None):
+        super().__init__()
+        self.res = nn.ModuleList(res)
+        self.attn = nn.ModuleList(attn)  # empty where the level has no attention
+        if resample is not None:
+            self.add_module(resample, resampler)
+
+
+class Mid(nn.Module):
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.res = nn.ModuleList([ResBlock(channels, channels, cfg.time_embed_dim) for _ in range(2)])
+        self.attn = SpatialTransformer(channels, cfg.context_dim, cfg.num_heads, cfg.transformer_depth)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        emb_dim, widths, n = cfg.time_embed_dim, cfg.level_channels, len(cfg.channel_mult)
+
+        def transformer(c):
+            return SpatialTransformer(c, cfg.context_dim, cfg.num_heads, cfg.transformer_depth)
+
+        self.time_embed = TimeEmbedding(cfg.model_channels, emb_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1)
+
+        # Down path; `skips` records the width of every tensor the up path will concatenate.
+        skips, ch, down = [cfg.model_channels], cfg.model_channels, []
+        for level, width in enumerate(widths):
+            res = []
+            for _ in range(cfg.num_res_blocks):
+                res.append(ResBlock(ch, width, emb_dim))
+                ch = width
+                skips.append(ch)
+            attn = [transformer(ch) for _ in res] if level in cfg.attention_levels else []
+            last = level == n - 1
+            if not last:
+                skips.append(ch)
+            down.append(Level(res, attn, None if last else "downsample",
+                              None if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1)))
+        self.down = nn.ModuleList(down)
+
+        self.mid = Mid(ch, cfg)
+
+        # Up path, built deepest level first (execution order), stored by level index.
+        up: list[Level | None] = [None] * n
+        for level in reversed(range(n)):
+            width, res = widths[level], []
+            for _ in range(cfg.num_res_blocks + 1):
+                res.append(ResBlock(ch + skips.pop(), width, emb_dim))
+                ch = width
+            attn = [transformer(ch) for _ in res] if level in cfg.attention_levels else []
+            first = level == 0
+            up[level] = Level(res, attn, None if first else "upsample", None if first else Upsample(ch))
+        self.up = nn.ModuleList(up)
+
+        self.norm_out = GroupNorm32(GROUPS, ch, eps=RES_NORM_EPS)
+        self.conv_out = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+
+    def set_attention_chunk(self, chunk: int | None) -> None:
+        """Process attention `chunk` query tokens at a time (None: all at once). Same math, less memory."""
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"attention chunk must be >= 1 or None, got {chunk}")
+        for m in self.modules():
+            if isinstance(m, (SelfAttention, CrossAttention)):
+                m.chunk = chunk
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor) -> torch.Tensor:
+        """x [B, Cin, H, W], t [B] (or a scalar for all), context [B, T, context_dim] -> [B, Cout, H, W].
+
+        H and W must be divisible by 2 ** (len(channel_mult) - 1).
+        """
+        dtype = self.conv_in.weight.dtype
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])  # [] -> [B]
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
+        context = context.to(dtype)
+
+        h = self.conv_in(x.to(dtype))
+        skips = [h]
+        for level in self.down:
+            for i, res in enumerate(level.res):
+                h = res(h, emb)
+                if len(level.attn):
+                    h = level.attn[i](h, context)
+                skips.append(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+                skips.append(h)
+
+        h = self.mid.res[0](h, emb)
+        h = self.mid.attn(h, context)
+        h = self.mid.res[1](h, emb)
+
+        for level in reversed(self.up):
+            for i, res in enumerate(level.res):
+                h = res(torch.cat([h, skips.pop()], dim=1), emb)  # [B, C, H, W] + [B, Cs, H, W] -> [B, C+Cs, H, W]
+                if len(level.attn):
+                    h = level.attn[i](h, context)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))

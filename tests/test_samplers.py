@@ -1,0 +1,353 @@
+"""DDIM / PLMS samplers against ldm's DDIMSampler and PLMSSampler, step by step.
+
+ldm's samplers are driven by a small stand-in for LatentDiffusion (ldm.models.diffusion.ddpm needs
+pytorch_lightning) whose eps model is a tiny random conv net with timestep and context terms.
+Noise is fed to both sides from identically seeded CPU generators, drawn in the same order.
+"""
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+import ldm.models.diffusion.ddim as ldm_ddim
+import ldm.models.diffusion.plms as ldm_plms
+from ldm.modules.diffusionmodules.util import (
+    make_beta_schedule,
+    make_ddim_sampling_parameters,
+    make_ddim_timesteps,
+)
+
+from sdport.models import samplers as S
+
+B, C, H, W, L, D = 2, 4, 8, 8, 5, 8  # batch, latent channels, latent size, context tokens, width
+SCALE = 7.5
+
+
+def rel_l2(a, r):
+    return ((a.double() - r.double()).norm() / r.double().norm()).item()
+
+
+class TinyEps(torch.nn.Module):
+    """A deterministic, non-trivial eps(x, t, context): conv + timestep features + context term."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = torch.nn.Conv2d(C, C, 3, padding=1)
+        self.ctx = torch.nn.Linear(D, C)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        self.freq = torch.randn(C, generator=g)
+
+    def forward(self, x, t, c):
+        temb = torch.sin(t.float()[:, None] / 100.0 * self.freq)  # [B, C]
+        h = self.conv(x) + temb[:, :, None, None] + self.ctx(c.mean(1))[:, :, None, None]  # [B, C, H, W]
+        return torch.tanh(h) + 0.1 * x
+
+
+class StandIn:
+    """The attributes ldm's samplers read from LatentDiffusion, built the way ddpm.register_schedule does."""
+
+    parameterization = "eps"
+
+    def __init__(self, eps, noise_gen=None):
+        betas = make_beta_schedule("linear", 1000, linear_start=0.00085, linear_end=0.0120)
+        ac = np.cumprod(1.0 - betas, axis=0)
+        to_torch = partial(torch.tensor, dtype=torch.float32)
+        self.betas = to_torch(betas)
+        self.alphas_cumprod = to_torch(ac)
+        self.alphas_cumprod_prev = to_torch(np.append(1.0, ac[:-1]))
+        self.sqrt_alphas_cumprod = to_torch(np.sqrt(ac))
+        self.sqrt_one_minus_alphas_cumprod = to_torch(np.sqrt(1.0 - ac))
+        self.num_timesteps = 1000
+        self.device = torch.device("cpu")
+        self.eps = eps
+        self.noise_gen = noise_gen
+
+    def apply_model(self, x, t, c):
+        return self.eps(x, t, c)
+
+    def q_sample(self, x_start, t, noise=None):
+        if noise is None:
+            noise = torch.randn(x_start.shape, generator=self.noise_gen)
+        shape = (t.shape[0], 1, 1, 1)
+        return (self.sqrt_alphas_cumprod.gather(-1, t).reshape(shape) * x_start
+                + self.sqrt_one_minus_alphas_cumprod.gather(-1, t).reshape(shape) * noise)
+
+
+@pytest.fixture(scope="module")
+def eps():
+    return TinyEps().eval()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(1234)
+    return {
+        "x_T": torch.randn(B, C, H, W, generator=g),
+        "cond": torch.randn(B, L, D, generator=g),
+        "uncond": torch.randn(B, L, D, generator=g),
+        "x0": torch.randn(B, C, H, W, generator=g),
+        # mask == 1 keeps x0: the left half is known, the right half is generated
+        "mask": torch.cat([torch.ones(1, 1, H, W // 2), torch.zeros(1, 1, H, W // 2)], dim=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return S.linear_schedule()
+
+
+def patch_noise(monkeypatch, module, gen):
+    """Make ldm's noise_like draw from `gen` (CPU), as our samplers do."""
+    def noise_like(shape, device, repeat=False):
+        assert not repeat
+        return torch.randn(shape, generator=gen).to(device)
+    monkeypatch.setattr(module, "noise_like", noise_like)
+
+
+def record(sampler, name):
+    """Wrap sampler.<name> (p_sample_ddim / p_sample_plms) to capture each step's (x_prev, pred_x0)."""
+    steps = []
+    inner = getattr(sampler, name)
+
+    def wrapped(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        steps.append((out[0].clone(), out[1].clone()))
+        return out
+
+    setattr(sampler, name, wrapped)
+    return steps
+
+
+def run_native(gen_fn):
+    latents, denoised = [], []
+    for x in gen_fn(lambda d: denoised.append(d["denoised"].clone())):
+        latents.append(x.clone())
+    return latents, denoised
+
+
+def assert_steps_match(native, native_x0, ref_steps, n_expected):
+    assert len(native) == len(ref_steps) == n_expected
+    for i, (x, (rx, rx0)) in enumerate(zip(native, ref_steps)):
+        assert rx.norm() > 1e-2 * rx.numel() ** 0.5, f"reference latent degenerate at step {i}"
+        err = rel_l2(x, rx)
+        assert err <= 1e-5, f"step {i}: latent rel_l2 {err:.3e}"
+        err0 = rel_l2(native_x0[i], rx0)
+        assert err0 <= 1e-5, f"step {i}: pred_x0 rel_l2 {err0:.3e}"
+    # the sampler actually moved the latent
+    assert rel_l2(ref_steps[0][0], ref_steps[-1][0]) > 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_linear_schedule_matches_ldm(schedule):
+    ref = StandIn(None)
+    assert schedule.num_timesteps == 1000
+    for name in ("alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
+        assert torch.equal(getattr(schedule, name), getattr(ref, name)), name
+
+
+def test_schedule_from_alphas_cumprod_only_is_close(schedule):
+    s = S.Schedule.from_alphas_cumprod(schedule.alphas_cumprod)
+    assert torch.equal(s.alphas_cumprod, schedule.alphas_cumprod)
+    # recomputed from float32 alpha-bar: sqrt(abar) is within an ulp of ldm's float64-derived value
+    assert torch.allclose(s.sqrt_alphas_cumprod, schedule.sqrt_alphas_cumprod, rtol=2e-7, atol=0)
+    # sqrt(1 - abar) is not: near t = 0, 1 - abar ~ 1e-3 cancels the float32 rounding of abar
+    # (~3e-8 absolute) into ~1e-5 relative. Pass the checkpoint's buffers for exact ldm parity.
+    d = s.sqrt_one_minus_alphas_cumprod.double() - schedule.sqrt_one_minus_alphas_cumprod.double()
+    rel = d.abs() / schedule.sqrt_one_minus_alphas_cumprod.double()
+    assert rel.max() < 2e-5 and rel[500:].max() < 2e-7
+    # and it is exactly the float64 recomputation from the float32 input
+    ac64 = schedule.alphas_cumprod.double()
+    assert torch.equal(s.sqrt_one_minus_alphas_cumprod, (1.0 - ac64).sqrt().float())
+
+
+@pytest.mark.parametrize("steps", [1, 7, 10, 20, 30, 50, 100, 250, 334, 500])
+def test_ddim_timesteps_and_coefficients_match_ldm(steps, schedule):
+    assert S.ddim_timesteps(steps) == make_ddim_timesteps("uniform", steps, 1000, verbose=False).tolist()
+    ac = StandIn(None).alphas_cumprod
+    ts = make_ddim_timesteps("uniform", steps, 1000, verbose=False)
+    eta = 0.7
+    sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(ac, ts, eta, verbose=False)
+    d = S.Schedule.from_alphas_cumprod(ac).ddim(steps, eta)
+    # ldm turns each coefficient into a float32 tensor with torch.full; compare after that cast
+    f32 = lambda v: torch.tensor([float(x) for x in v], dtype=torch.float64).float()  # noqa: E731
+    assert torch.equal(d.alphas, alphas)
+    assert torch.equal(d.alphas_prev, f32(alphas_prev))
+    assert torch.equal(d.sigmas, f32(sigmas))
+    assert torch.equal(d.sqrt_one_minus_alphas, np.sqrt(1.0 - alphas))
+
+
+def test_ddim_timesteps_rejects_bad_steps():
+    with pytest.raises(ValueError, match="steps must be in"):
+        S.ddim_timesteps(0)
+    for steps in (333, 501, 1000):  # ldm fails on these with an IndexError
+        with pytest.raises(ValueError, match="past the schedule"):
+            S.ddim_timesteps(steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cfg_denoiser_batches_uncond_first(eps, inputs):
+    calls = []
+
+    def unet(x, t, c):
+        calls.append((x.shape[0], c))
+        return eps(x, t, c)
+
+    x, t = inputs["x_T"], torch.tensor([981, 981])
+    d = S.cfg_denoiser(unet, inputs["cond"], inputs["uncond"], SCALE)
+    out = d(x, t)
+    assert len(calls) == 1 and calls[0][0] == 2 * B
+    assert torch.equal(calls[0][1], torch.cat([inputs["uncond"], inputs["cond"]]))
+    e_u, e_c = eps(x, t, inputs["uncond"]), eps(x, t, inputs["cond"])
+    assert torch.allclose(out, e_u + SCALE * (e_c - e_u), rtol=1e-5, atol=1e-5)
+    # scale 1 or no uncond: one plain call, exactly the conditional eps
+    assert torch.equal(S.cfg_denoiser(unet, inputs["cond"], inputs["uncond"], 1.0)(x, t), e_c)
+    assert torch.equal(S.cfg_denoiser(unet, inputs["cond"], None, SCALE)(x, t), e_c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers vs ldm
+# ---------------------------------------------------------------------------------------------
+
+
+def ldm_sample(sampler, steps, inputs, eta=0.0, masked=False):
+    kw = dict(mask=inputs["mask"], x0=inputs["x0"]) if masked else {}
+    with torch.no_grad():
+        sampler.sample(
+            S=steps, batch_size=B, shape=(C, H, W), conditioning=inputs["cond"], eta=eta,
+            x_T=inputs["x_T"].clone(), unconditional_guidance_scale=SCALE,
+            unconditional_conditioning=inputs["uncond"], verbose=False, **kw,
+        )
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["txt2img", "masked"])
+@pytest.mark.parametrize("steps", [10, 50])
+def test_plms_matches_ldm(steps, masked, eps, inputs, schedule, monkeypatch):
+    seed = 77
+    model = StandIn(eps, noise_gen=torch.Generator().manual_seed(seed))
+    sampler = ldm_plms.PLMSSampler(model)
+    ref = record(sampler, "p_sample_plms")
+    ldm_sample(sampler, steps, inputs, masked=masked)
+
+    denoiser = S.cfg_denoiser(eps, inputs["cond"], inputs["uncond"], SCALE)
+    kw = dict(mask=inputs["mask"], x0=inputs["x0"]) if masked else {}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        native, native_x0 = run_native(
+            lambda cb: S.sample_plms(denoiser, inputs["x_T"], schedule, steps, generator=gen, callback=cb, **kw)
+        )
+    assert_steps_match(native, native_x0, ref, steps)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["txt2img", "masked"])
+@pytest.mark.parametrize("eta", [0.0, 0.8])
+@pytest.mark.parametrize("steps", [10, 50])
+def test_ddim_matches_ldm(steps, eta, masked, eps, inputs, schedule, monkeypatch):
+    seed = 99
+    shared = torch.Generator().manual_seed(seed)
+    # with eta 0 ldm still draws (and multiplies by 0) step noise; keep it off the shared stream
+    patch_noise(monkeypatch, ldm_ddim, shared if eta > 0 else torch.Generator().manual_seed(5))
+    model = StandIn(eps, noise_gen=shared)
+    sampler = ldm_ddim.DDIMSampler(model)
+    ref = record(sampler, "p_sample_ddim")
+    ldm_sample(sampler, steps, inputs, eta=eta, masked=masked)
+
+    denoiser = S.cfg_denoiser(eps, inputs["cond"], inputs["uncond"], SCALE)
+    kw = dict(mask=inputs["mask"], x0=inputs["x0"]) if masked else {}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        native, native_x0 = run_native(
+            lambda cb: S.sample_ddim(denoiser, inputs["x_T"], schedule, steps, eta=eta, generator=gen,
+                                     callback=cb, **kw)
+        )
+    assert_steps_match(native, native_x0, ref, steps)
+    if masked:
+        # the known (left) half follows x0 far more closely than the generated half
+        out = native[-1]
+        known = rel_l2(out[..., : W // 2], inputs["x0"][..., : W // 2])
+        free = rel_l2(out[..., W // 2 :], inputs["x0"][..., W // 2 :])
+        assert known < 0.5 * free
+
+
+def test_masked_convention_keeps_x0_where_mask_is_one(eps, inputs, schedule):
+    """mask == 1 everywhere: every step starts from q_sample(x0, t), so the result tracks x0."""
+    denoiser = S.cfg_denoiser(eps, inputs["cond"], inputs["uncond"], SCALE)
+    mask = torch.ones(1, 1, H, W)
+    with torch.no_grad():
+        *_, out = S.sample_ddim(denoiser, inputs["x_T"], schedule, 20, mask=mask, x0=inputs["x0"],
+                                generator=torch.Generator().manual_seed(0))
+    # the last step starts from q_sample(x0, t=1): sqrt(abar_1) ~ 0.9991, so a small residual only
+    assert rel_l2(out, inputs["x0"]) < 0.1
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.8])
+@pytest.mark.parametrize("steps", [10, 50])
+def test_img2img_matches_ldm(steps, eta, eps, inputs, schedule, monkeypatch):
+    strength = 0.75
+    seed = 31
+    shared = torch.Generator().manual_seed(seed)
+    patch_noise(monkeypatch, ldm_ddim, shared if eta > 0 else torch.Generator().manual_seed(5))
+    sampler = ldm_ddim.DDIMSampler(StandIn(eps))
+    ref = record(sampler, "p_sample_ddim")
+    # what ldm's scripts/img2img.py does
+    sampler.make_schedule(ddim_num_steps=steps, ddim_eta=eta, verbose=False)
+    t_enc = int(strength * steps)
+    with torch.no_grad():
+        z_enc = sampler.stochastic_encode(inputs["x0"], torch.tensor([t_enc] * B),
+                                          noise=torch.randn(inputs["x0"].shape, generator=shared))
+        sampler.decode(z_enc, inputs["cond"], t_enc, unconditional_guidance_scale=SCALE,
+                       unconditional_conditioning=inputs["uncond"])
+
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(inputs["x0"].shape, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(S.stochastic_encode(inputs["x0"], schedule, steps, t_enc, noise), z_enc)
+    denoiser = S.cfg_denoiser(eps, inputs["cond"], inputs["uncond"], SCALE)
+    with torch.no_grad():
+        native, native_x0 = run_native(
+            lambda cb: S.sample_img2img(denoiser, inputs["x0"], schedule, steps, strength, eta=eta,
+                                        generator=gen, callback=cb)
+        )
+    assert_steps_match(native, native_x0, ref, t_enc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Odd inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_steps_not_dividing_1000_follow_ldm(eps, inputs, schedule):
+    # ldm's uniform discretisation gives 31 timesteps for 30 steps; we do the same
+    denoiser = S.cfg_denoiser(eps, inputs["cond"])
+    with torch.no_grad():
+        assert len(list(S.sample_plms(denoiser, inputs["x_T"], schedule, 30))) == 31
+
+
+def test_bare_alphas_cumprod_tensor_is_accepted(eps, inputs, schedule):
+    denoiser = S.cfg_denoiser(eps, inputs["cond"], inputs["uncond"], SCALE)
+    with torch.no_grad():
+        *_, a = S.sample_ddim(denoiser, inputs["x_T"], schedule, 10)
+        *_, b = S.sample_ddim(denoiser, inputs["x_T"], schedule.alphas_cumprod, 10)
+    assert torch.equal(a, b)  # txt2img never uses the square roots
+
+
+def test_errors(eps, inputs, schedule):
+    denoiser = S.cfg_denoiser(eps, inputs["cond"])
+    with pytest.raises(ValueError, match="mask and x0"):
+        next(S.sample_ddim(denoiser, inputs["x_T"], schedule, 10, mask=inputs["mask"]))
+    with pytest.raises(ValueError, match="t_enc"):
+        next(S.sample_img2img(denoiser, inputs["x0"], schedule, 10, strength=1.0))
+    with pytest.raises(ValueError, match="t_enc"):
+        next(S.sample_img2img(denoiser, inputs["x0"], schedule, 10, strength=0.05))
+    with pytest.raises(ValueError, match="1-D"):
+        S.Schedule.from_alphas_cumprod(torch.ones(2, 3))
