@@ -59,13 +59,17 @@ class Plan:
 
     @property
     def family(self) -> str:
-        return "sd-v1" if "unet" in self.components or "text_model" in self.components else "clip-vit"
+        if set(self.components) & {"unet", "text_model", "encoder", "decoder"}:
+            return "sd-v1"
+        return "clip-vit" if "vit" in self.components else "unknown"
 
     @property
     def variant(self) -> str:
         u = self.components.get("unet")
         if u is None:
-            return "image-encoder" if "vit" in self.components else "partial"
+            if "vit" in self.components:
+                return "image-encoder"
+            return "partial" if self.components else "none"
         return "inpainting" if u.config.in_channels == 9 else "txt2img"
 
 

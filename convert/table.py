@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.errors import SdportError
 
-class UnsupportedCheckpoint(ValueError):
+
+class UnsupportedCheckpoint(SdportError, ValueError):
     """A checkpoint outside the supported families; the message names the key and shape that decided it."""
 
 

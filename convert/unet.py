@@ -235,9 +235,8 @@ def infer_config(shapes: dict, num_heads: int | None = None) -> UNetConfig:
             break
         k += 1
     if not counts[-1]:
-        raise UnsupportedCheckpoint(
-            f"UNet key 'input_blocks.{k}.0.in_layers.2.weight' is missing; expected ResBlocks after the last downsample"
-        )
+        key = f"input_blocks.{k}.0.in_layers.2.weight"
+        raise UnsupportedCheckpoint(f"UNet key {key!r} is missing; expected ResBlocks after the last downsample")
     nrb = counts[0]
     for level, c in enumerate(counts):
         if c != nrb:

@@ -31,8 +31,9 @@ class Schedule:
     """The training noise schedule: alpha-bar per timestep, plus the two square roots q(x_t|x_0) uses.
 
     All [T] float32, as SD checkpoints store them. The square roots are kept separately because
-    ldm rounds sqrt(float64 alpha-bar) to float32, which differs from sqrt(float32 alpha-bar) by an
-    ulp for about 15% of the timesteps.
+    ldm derives them from float64 alpha-bar: recomputed from the float32 alpha-bar, sqrt(abar) is
+    off by an ulp at ~13% of the timesteps and sqrt(1 - abar) by up to 1.3e-5 relative near t = 0
+    (1 - abar cancels). Pass the checkpoint's buffers, or use linear_schedule(), for exact parity.
     """
 
     alphas_cumprod: torch.Tensor
@@ -308,6 +309,8 @@ def stochastic_encode(x0: torch.Tensor, schedule: Union[Schedule, torch.Tensor],
     if not 0 <= t_enc < len(ddim):
         raise ValueError(f"t_enc must be in [0, {len(ddim) - 1}] for {steps} steps, got {t_enc}")
     shape = (1,) * x0.ndim
+    # torch's sqrt over the whole vector on the CPU, as ldm does it (its result differs from a
+    # correctly rounded sqrt at some entries)
     sqrt_a = torch.sqrt(ddim.alphas)[t_enc].reshape(shape).to(x0.device)
     sqrt_1m_a = ddim.sqrt_one_minus_alphas[t_enc].reshape(shape).to(x0.device)
     return sqrt_a * x0 + sqrt_1m_a * noise

@@ -42,6 +42,7 @@ _PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
+# literal special-token text becomes the special id (matched after lowercasing), as in CompVis' tokenizer
 _SPECIAL = {START_TEXT: START, END_TEXT: END}
 _CACHED_WORD_LEN = 128  # longer pieces are merged every time rather than kept in the cache
 
@@ -53,7 +54,7 @@ def byte_to_char() -> dict[int, str]:
     (printable bytes first, then the others) is the order of the first 256 vocabulary ids."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
-    extra = (b for b in range(256) if b not in table)
+    extra = [b for b in range(256) if b not in table]
     for n, b in enumerate(extra):
         table[b] = chr(256 + n)
     return table

@@ -130,7 +130,7 @@ def test_bpe_matches_openclip_on_random_words(ours, openclip):
     alphabet = string.ascii_lowercase + "éß中😀'.,"
     to_char = tk.byte_to_char()
     for _ in range(2000):
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 300)))
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 100)))
         word = "".join(to_char[b] for b in text.encode("utf-8"))
         assert " ".join(ours._bpe(word)) == openclip.bpe(word), text
 
@@ -244,7 +244,11 @@ def test_never_raises_on_arbitrary_text(ours, text):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.characters(codec=None, exclude_categories=())))
+@given(st.text(alphabet=st.one_of(
+    st.characters(categories=["Cs"]),  # lone (and accidentally paired) surrogates
+    st.characters(max_codepoint=0x9F),  # C0/C1 controls, NUL
+    st.characters(),
+)))
 def test_never_raises_with_surrogates_and_controls(ours, text):
     _check_framed(ours(text))
     ours.decode(ours.encode(text))

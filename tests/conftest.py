@@ -1,0 +1,38 @@
+"""Shared fixtures: the tiny CompVis-format checkpoints, built once per session by the reference code."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMITTED_DIR = os.path.join(REPO, "fixtures", "tiny")
+
+
+@pytest.fixture(scope="session")
+def variants(tmp_path_factory):
+    """variant name -> path of a tiny checkpoint (all SD and ViT variants)."""
+    pytest.importorskip("ldm")
+    pytest.importorskip("transformers")
+    from sdport.fixtures import build
+
+    out = str(tmp_path_factory.mktemp("fixtures"))
+    return {v: build.build_variant(v, out) for v in build.SD_VARIANTS + build.VIT_VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def converted(variants, tmp_path_factory):
+    """variant name -> path of its sdport .h5 (converted with default options)."""
+    from sdport.convert.convert import convert
+
+    out = tmp_path_factory.mktemp("converted")
+    return {v: convert(p, str(out / f"{v}.h5")).out for v, p in variants.items()}
+
+
+def run_cli(*args, cwd=None, env=None):
+    """Run the sdport CLI in a subprocess: (returncode, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "sdport.cli", *map(str, args)], capture_output=True, text=True,
+                       cwd=cwd, env=env)
+    return p.returncode, p.stdout, p.stderr

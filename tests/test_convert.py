@@ -1,0 +1,241 @@
+"""Conversion end to end on every fixture variant: inspect, convert, verify, export bit-exact, and the
+native models loaded from the .h5 alone computing what the reference computes from the checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import pytest
+import torch
+
+from sdport.convert.checkpoint import open_checkpoint
+from sdport.convert.convert import convert, export
+from sdport.models.layout import LayoutReader, verify
+from sdport.models.load import load_model
+from conftest import run_cli
+
+SD = ["lightning", "flat", "safetensors", "fp16", "ema", "position_ids", "inpaint", "callback"]
+
+EXPECT = {  # variant -> (container, wrapper, dtype, in_channels, ema)
+    "lightning": ("torch-zip", "lightning", "float32", 4, False),
+    "flat": ("torch-zip", "flat", "float32", 4, False),
+    "safetensors": ("safetensors", "safetensors", "float32", 4, False),
+    "fp16": ("torch-zip", "lightning", "float16", 4, False),
+    "ema": ("torch-zip", "lightning", "float32", 4, True),
+    "position_ids": ("torch-zip", "lightning", "float32", 4, False),
+    "inpaint": ("torch-zip", "lightning", "float32", 9, False),
+    "callback": ("torch-zip", "lightning", "float32", 4, False),
+}
+
+
+@pytest.mark.parametrize("variant", SD)
+def test_inspect_json(variants, variant):
+    rc, out, err = run_cli("inspect", "--json", variants[variant])
+    assert rc == 0, err
+    info = json.loads(out)
+    container, wrapper, dtype, in_ch, ema = EXPECT[variant]
+    assert info["container"] == container and info["wrapper"] == wrapper
+    assert max(info["dtypes"], key=info["dtypes"].get) == dtype
+    assert info["unet_in_channels"] == in_ch
+    assert info["variant"] == ("inpainting" if in_ch == 9 else "txt2img")
+    assert info["ema"] is ema
+    assert set(info["components"]) >= {"unet", "text_model", "encoder", "decoder", "schedule"}
+    assert info["unknown_keys"] == []
+    if variant == "position_ids":
+        assert "cond_stage_model.transformer.text_model.embeddings.position_ids" in info["ignored"]
+
+
+@pytest.mark.parametrize("variant", ["vit_openai", "vit_hf", "vit_compvis"])
+def test_inspect_vit(variants, variant):
+    rc, out, _ = run_cli("inspect", "--json", variants[variant])
+    info = json.loads(out)
+    assert rc == 0 and info["family"] == "clip-vit" and list(info["configs"]) == ["vit"]
+
+
+def test_inspect_layout(converted):
+    rc, out, _ = run_cli("inspect", "--json", converted["lightning"])
+    info = json.loads(out)
+    assert rc == 0 and info["kind"] == "sdport-layout" and info["layout_version"] == 1
+    assert set(info["components"]) == {"unet", "text_model", "encoder", "decoder", "schedule"}
+
+
+@pytest.mark.parametrize("variant", SD + ["vit_openai", "vit_hf", "vit_compvis"])
+def test_round_trip_bit_exact(variants, converted, tmp_path, variant):
+    h5 = converted[variant]
+    assert verify(h5) == []
+    for ext in (".safetensors", ".ckpt"):
+        back = str(tmp_path / f"back{ext}")
+        export(h5, back)
+        with open_checkpoint(variants[variant]) as src, open_checkpoint(back) as out, LayoutReader(h5) as r:
+            ignored = set(r.attrs.get("ignored", {}))
+            assert set(out.keys()) == set(src.keys()) - ignored
+            for k in out.keys():
+                a, b = src.tensor(k), out.tensor(k)
+                assert a.dtype == b.dtype and torch.equal(a, b), k
+
+
+def test_layout_attributes(converted, variants):
+    with h5py.File(converted["lightning"], "r") as f:
+        assert f.attrs["format"] == "sdport" and f.attrs["layout_version"] == 1
+        assert f.attrs["source_format"] == "torch-zip" and f.attrs["variant"] == "txt2img"
+        assert json.loads(f["unet"].attrs["config"])["model_channels"] == 32
+        ds = f["unet"][next(iter(f["unet"]))]
+        assert ds.chunks is None and ds.compression is None  # contiguous: memory-mappable
+        assert json.loads(ds.attrs["sources"])[0].startswith("model.diffusion_model.")
+        assert len(ds.attrs["sha256"]) == 64
+        assert f["schedule"].attrs["latent_scale"] == pytest.approx(0.18215)
+
+
+def test_ema_policies(variants, tmp_path):
+    from sdport.convert.detect import ema_key
+
+    src = variants["ema"]
+    auto = convert(src, str(tmp_path / "auto.h5"))
+    use = convert(src, str(tmp_path / "use.h5"), ema="use")
+    ign = convert(src, str(tmp_path / "ign.h5"), ema="ignore")
+    assert auto.plan.ema == {"present": True, "policy": "auto", "used": False, "differs": True}
+    assert use.plan.ema["used"] is True
+    assert ign.plan.ema["used"] is False and ign.plan.ema["differs"] is None
+    with LayoutReader(use.out) as r, open_checkpoint(src) as ck:
+        ds = r.dataset_attrs("unet", "conv_in.weight")
+        assert ds["sources"] == [ema_key("input_blocks.0.0.weight")]
+        assert torch.equal(r.tensor("unet", "conv_in.weight"), ck.tensor(ds["sources"][0]))
+        assert r.attrs["ema"]["used"] is True
+    with pytest.raises(Exception, match="no model_ema"):
+        convert(variants["lightning"], str(tmp_path / "x.h5"), ema="use")
+
+
+def test_dtype_cast_and_components(variants, tmp_path):
+    s = convert(variants["lightning"], str(tmp_path / "h.h5"), dtype="fp16", components={"unet", "decoder"})
+    with LayoutReader(s.out) as r:
+        assert r.components() == ["unet", "decoder"]
+        assert r.tensor("unet", "conv_in.weight").dtype == torch.float16
+        assert r.tensor("schedule", "alphas_cumprod").dtype == torch.float32  # schedule stays exact
+    s = convert(variants["lightning"], str(tmp_path / "b.h5"), dtype="bf16", components={"text_model"})
+    with LayoutReader(s.out) as r:
+        assert r.tensor("text_model", next(iter(r.keys("text_model")))).dtype == torch.bfloat16
+    assert verify(s.out) == []
+
+
+def test_refuses_overwrite_and_missing_dir(variants, converted, tmp_path):
+    rc, _, err = run_cli("convert", variants["fp16"], "-o", converted["fp16"])
+    assert rc == 2 and "already exists" in err and "--force" in err
+    rc, _, err = run_cli("convert", variants["fp16"], "-o", tmp_path / "no" / "such" / "x.h5")
+    assert rc == 2 and "does not exist" in err
+
+
+def test_strict_unknown_keys(variants, tmp_path):
+    sd = torch.load(variants["flat"], weights_only=True)
+    sd["some_adapter.weight"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "extra.ckpt")
+    s = convert(str(tmp_path / "extra.ckpt"), str(tmp_path / "ok.h5"))
+    assert s.plan.unknown == ["some_adapter.weight"]
+    rc, _, err = run_cli("convert", tmp_path / "extra.ckpt", "-o", tmp_path / "strict.h5", "--strict")
+    assert rc == 2 and "some_adapter.weight" in err and not (tmp_path / "strict.h5").exists()
+
+
+def test_shape_outside_supported_family(variants, tmp_path):
+    sd = torch.load(variants["flat"], weights_only=True)
+    k = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    sd[k] = torch.zeros(sd[k].shape[0], sd[k].shape[1])  # a linear proj_in (SD 2.x style)
+    torch.save(sd, tmp_path / "odd.ckpt")
+    rc, _, err = run_cli("convert", tmp_path / "odd.ckpt", "-o", tmp_path / "odd.h5")
+    assert rc == 2 and "proj_in.weight" in err and len(err.strip().splitlines()) == 1
+
+
+def _flip_byte(path, group, key):
+    with h5py.File(path, "r") as f:
+        off = f[group][key].id.get_offset()
+    with open(path, "r+b") as fh:
+        fh.seek(off + 3)
+        b = fh.read(1)
+        fh.seek(off + 3)
+        fh.write(bytes([b[0] ^ 0x40]))
+
+
+def test_verify_names_corrupted_dataset(converted, tmp_path):
+    import shutil
+
+    p = str(tmp_path / "c.h5")
+    shutil.copy(converted["lightning"], p)
+    _flip_byte(p, "unet", "mid.res.0.conv1.weight")
+    rc, out, err = run_cli("verify", p)
+    assert rc == 1 and "/unet/mid.res.0.conv1.weight" in err.splitlines()[0]
+
+
+def test_newer_layout_version_refused(converted, tmp_path):
+    import shutil
+
+    p = str(tmp_path / "new.h5")
+    shutil.copy(converted["fp16"], p)
+    with h5py.File(p, "r+") as f:
+        f.attrs["layout_version"] = 99
+    for cmd in ("verify", "inspect", "export"):
+        args = [cmd, p] + (["-o", str(tmp_path / "b.safetensors")] if cmd == "export" else [])
+        rc, _, err = run_cli(*args)
+        assert rc == 2 and "layout version 99" in err, (cmd, err)
+
+
+# ---------------------------------------------------------------- native from .h5 vs reference from checkpoint
+
+
+def _reference_sd(path, prefix):
+    with open_checkpoint(path) as ck:
+        return {k[len(prefix):]: ck.tensor(k).float() for k in ck.keys() if k.startswith(prefix)}
+
+
+def _rel_l2(a, r):
+    return float((a.double() - r.double()).norm() / r.double().norm())
+
+
+@pytest.mark.parametrize("variant", ["lightning", "inpaint", "safetensors"])
+def test_unet_from_h5_matches_ldm(variants, converted, variant):
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from sdport.fixtures.reference_unet import ldm_kwargs
+
+    native = load_model(converted[variant], "unet")
+    ref = UNetModel(**ldm_kwargs(native.config)).eval()
+    ref.load_state_dict(_reference_sd(variants[variant], "model.diffusion_model."))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, native.config.in_channels, 16, 16, generator=g)
+    ctx = torch.randn(2, 77, native.config.context_dim, generator=g)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        r, a = ref(x, t, context=ctx), native(x, t, ctx)
+    assert r.abs().mean() > 1e-2 and _rel_l2(a, r) <= 1e-5
+
+
+def test_text_vae_vit_from_h5_match_references(variants, converted):
+    from sdport.fixtures import reference_clip, reference_vae
+    from sdport.models.clip import TextConfig, VisionConfig
+    from sdport.models.vae import VAEConfig
+
+    g = torch.Generator().manual_seed(1)
+    # text encoder vs transformers CLIPTextModel
+    text = load_model(converted["lightning"], "text_model")
+    ref = reference_clip.build_text_reference(TextConfig.tiny())
+    ref.load_state_dict(_reference_sd(variants["lightning"], "cond_stage_model.transformer.text_model."), strict=False)
+    ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407] + [49407] * 70])
+    with torch.no_grad():
+        r, a = ref(input_ids=ids).last_hidden_state, text(ids)
+    assert _rel_l2(a, r) <= 1e-5
+    # VAE encoder (+quant_conv) and decoder (post_quant_conv+) vs ldm
+    vref = reference_vae.build_reference(VAEConfig.tiny())
+    vref.load_state_dict(_reference_sd(variants["lightning"], "first_stage_model."))
+    enc, dec = load_model(converted["lightning"], "encoder"), load_model(converted["lightning"], "decoder")
+    img = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        (rm, rlv), (am, alv) = vref.encode(img), enc(img)
+        z = torch.randn(1, 4, 16, 16, generator=g)
+        rd, ad = vref.decode(z), dec(z)
+    assert _rel_l2(am, rm) <= 1e-5 and _rel_l2(alv, rlv) <= 1e-5 and _rel_l2(ad, rd) <= 1e-5
+    # ViT from each source format vs transformers CLIPVisionModelWithProjection
+    pix = torch.randn(2, 3, 32, 32, generator=g)
+    hf = reference_clip.build_vision_reference(VisionConfig.tiny())
+    hf.load_state_dict(_reference_sd(variants["vit_hf"], ""), strict=False)
+    with torch.no_grad():
+        assert _rel_l2(load_model(converted["vit_hf"], "vit")(pix), hf(pixel_values=pix).image_embeds) <= 1e-5
+        oa = reference_clip.build_openai_vision_reference(VisionConfig.tiny())
+        oa.load_state_dict(_reference_sd(variants["vit_openai"], "visual."))
+        assert _rel_l2(load_model(converted["vit_openai"], "vit")(pix), oa(pix)) <= 1e-5
