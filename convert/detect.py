@@ -173,6 +173,8 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
         for k in infos:
             if k.startswith(prefix) and k not in claimed and k not in out.ignored:
                 reason = _ignored(ignored, k[len(prefix):])
+                if name == "unet" and use_ema and k[len(prefix):] in key_of:
+                    reason = "non-EMA UNet weights; not used (--ema use)"
                 if reason:
                     out.ignored[k] = reason
     for k in SCHEDULE_KEYS:

@@ -95,7 +95,8 @@ def test_ema_policies(variants, tmp_path):
     use = convert(src, str(tmp_path / "use.h5"), ema="use")
     ign = convert(src, str(tmp_path / "ign.h5"), ema="ignore")
     assert auto.plan.ema == {"present": True, "policy": "auto", "used": False, "differs": True}
-    assert use.plan.ema["used"] is True
+    assert use.plan.ema["used"] is True and use.plan.unknown == [] and auto.plan.unknown == []
+    assert use.plan.ignored["model.diffusion_model.input_blocks.0.0.weight"].startswith("non-EMA")
     assert ign.plan.ema["used"] is False and ign.plan.ema["differs"] is None
     with LayoutReader(use.out) as r, open_checkpoint(src) as ck:
         ds = r.dataset_attrs("unet", "conv_in.weight")
