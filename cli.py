@@ -22,6 +22,7 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             msg = str(e) if isinstance(e, SdportError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
+            msg = " ".join(msg.splitlines())  # one line, even when a library's message spans several
             click.echo(f"error: {msg}", err=True)
             ctx.exit(2)
 
@@ -114,11 +115,15 @@ def _components_option(value):
 @click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True)
 @click.option("--ema", type=click.Choice(["auto", "use", "ignore"]), default="auto", show_default=True,
               help="auto: model.diffusion_model.* as CompVis inference does; use: the EMA copy; ignore: never read it.")
-@click.option("--num-heads", type=int, default=None, help="UNet attention heads (not stored in checkpoints).")
+@click.option("--num-heads", type=click.IntRange(min=1), default=None, help="UNet attention heads (not stored in checkpoints).")
 @click.option("--strict", is_flag=True, help="Fail on keys that belong to no known component.")
 @click.option("--force", is_flag=True, help="Overwrite the destination.")
 @click.option("--compress", is_flag=True, help="gzip the datasets (smaller, no memory-mapped loading).")
-def convert(src, out, components, dtype, ema, num_heads, strict, force, compress):
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Store Linear/Conv2d weights as int8 with per-output-channel scales (not exportable).")
+@click.option("--quantize-components", default="unet", show_default=True,
+              help="Comma-separated components --quantize applies to.")
+def convert(src, out, components, dtype, ema, num_heads, strict, force, compress, quantize, quantize_components):
     """Convert a CompVis checkpoint (or a CLIP ViT state dict) to the sdport HDF5 layout."""
     from tqdm import tqdm
 
@@ -131,7 +136,8 @@ def convert(src, out, components, dtype, ema, num_heads, strict, force, compress
 
     try:
         s = run(src, out, components=_components_option(components), dtype=dtype, ema=ema, strict=strict,
-                force=force, num_heads=num_heads, compression="gzip" if compress else None, progress=progress)
+                force=force, num_heads=num_heads, compression="gzip" if compress else None, progress=progress,
+                quantize=quantize, quantize_components=_components_option(quantize_components))
     finally:
         bar.close()
     p = s.plan
@@ -167,6 +173,350 @@ def export(h5, out, flat, force):
     counts = run(h5, out, force=force, wrapper="flat" if flat else None)
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and image generation
+# ---------------------------------------------------------------------------------------------
+
+
+def _token_record(tok, prompt: str) -> dict:
+    ids, cut = tok.framed(prompt)
+    body = tok.encode(prompt)
+    return {"prompt": prompt, "ids": ids, "tokens": tok.tokens(ids), "prompt_tokens": len(body), "truncated": cut,
+            "dropped": max(0, len(body) - 75), "dropped_text": tok.decode(body[75:])}
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--file", "prompts_file", type=click.Path(dir_okay=False),
+              help="PROMPTS.txt: one prompt per line; prints one JSON line per prompt.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def tokenize(prompt, prompts_file, as_json):
+    """The 77 token ids SD v1's text encoder sees for PROMPT (start, at most 75 tokens, end, padding)."""
+    from .models.tokenizer import default_tokenizer
+
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give either PROMPT or --file PROMPTS.txt")
+    tok = default_tokenizer()
+    if prompts_file is not None:
+        with open(prompts_file, encoding="utf-8") as f:
+            try:
+                lines = f.read().splitlines()
+            except UnicodeDecodeError as e:
+                raise SdportError(f"{prompts_file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        for line_no, line in enumerate(lines, 1):
+            click.echo(json.dumps({"line": line_no, **_token_record(tok, line)}, ensure_ascii=False))
+        return
+    rec = _token_record(tok, prompt)
+    if as_json:
+        click.echo(json.dumps(rec, ensure_ascii=False))
+        return
+    click.echo(f"{rec['prompt_tokens']} prompt token(s) of 75; "
+               + (f"CUT: the last {rec['dropped']} do not reach the text encoder: {rec['dropped_text']!r}"
+                  if rec["truncated"] else "not cut"))
+    click.echo("ids:    " + " ".join(map(str, rec["ids"])))
+    tokens = rec["tokens"]
+    body = 2 + min(rec["prompt_tokens"], 75)  # start + prompt tokens + end; the rest is padding
+    pad = f" + {len(tokens) - body} x {tokens[-1]} (padding)" if len(tokens) > body else ""
+    click.echo("tokens: " + " ".join(tokens[:body]) + pad)
+
+
+def _generation_options(fn):
+    """Options shared by txt2img, img2img and inpaint."""
+    for opt in reversed([
+        click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="OUT.png"),
+        click.option("--negative", default="", help="Unconditional prompt (default: the empty prompt)."),
+        click.option("--steps", type=int, default=50, show_default=True),
+        click.option("--seed", type=int, default=42, show_default=True),
+        click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise (0: deterministic)."),
+        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                     help="fp16 is for GPUs; bf16 is the fast choice on a CPU."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps, ..."),
+        click.option("--low-memory", is_flag=True,
+                     help="Load one component at a time and free it (peak: the largest component)."),
+        click.option("--force", is_flag=True, help="Overwrite OUT.png."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _check_output(out: str, force: bool) -> None:
+    import os
+
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise SdportError(f"{out}: output directory {parent} does not exist")
+    if os.path.exists(out) and not force:
+        raise SdportError(f"{out}: already exists (use --force to overwrite)")
+
+
+def _init_size(init: str, rgb, height, width) -> None:
+    h, w = rgb.shape[:2]
+    if (height or h) != h or (width or w) != w:
+        raise SdportError(f"{init} is {w}x{h} but --width/--height ask for {width or w}x{height or h}; sdport does "
+                          f"not resize: resize the image yourself or leave out --width/--height")
+
+
+def _generate(models, req, mode, run, out, height, width):
+    """Drive a pipeline generator under a progress bar, decode the last latent, write the PNG."""
+    from tqdm import tqdm
+
+    from .models import images, pipeline
+
+    for note in models.notes:
+        click.echo(f"note: {note}", err=True)
+    latent = None
+    with tqdm(run, total=pipeline.total_steps(req, mode), unit="step", desc=mode, disable=None,
+              file=sys.stderr) as bar:
+        for latent in bar:
+            pass
+    image = pipeline.decode(models, latent)
+    images.write_png(image, out, pipeline.png_text(models, req, mode, height, width))
+    click.echo(f"wrote {out}: {width}x{height}, {req.sampler} {req.steps} steps, scale {req.scale}, seed {req.seed}")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("prompt")
+@_generation_options
+@click.option("--scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
+@click.option("--height", type=int, default=512, show_default=True)
+@click.option("--width", type=int, default=512, show_default=True)
+def txt2img(model, prompt, out, negative, steps, seed, eta, dtype, device, low_memory, force, scale, sampler,
+            height, width):
+    """Generate OUT.png from PROMPT with an sdport .h5 (CompVis txt2img defaults: 512x512, 50 PLMS steps)."""
+    from .models import pipeline
+
+    _check_output(out, force)
+    req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
+                           eta=eta, height=height, width=width)
+    with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory) as models:
+        _generate(models, req, "txt2img", pipeline.txt2img(models, req), out, height, width)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("prompt")
+@click.option("--init", "init", required=True, type=click.Path(dir_okay=False), help="IN.png to start from.")
+@click.option("--strength", type=float, default=0.75, show_default=True,
+              help="How much to change: int(strength * steps) DDIM steps are re-run.")
+@_generation_options
+@click.option("--scale", type=float, default=5.0, show_default=True,
+              help="Classifier-free guidance scale (5.0 as ldm's img2img).")
+@click.option("--height", type=int, default=None, help="Must equal the init image's (default: its size).")
+@click.option("--width", type=int, default=None, help="Must equal the init image's (default: its size).")
+def img2img(model, prompt, init, strength, out, negative, steps, seed, eta, dtype, device, low_memory, force, scale,
+            height, width):
+    """Change IN.png toward PROMPT (ldm's img2img: encode, noise to the strength's step, DDIM back)."""
+    from .models import images, pipeline
+
+    _check_output(out, force)
+    rgb = images.read_rgb(init)
+    _init_size(init, rgb, height, width)
+    h, w = rgb.shape[:2]
+    req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler="ddim",
+                           eta=eta, height=h, width=w, strength=strength)
+    with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory) as models:
+        _generate(models, req, "img2img", pipeline.img2img(models, req, images.to_tensor(rgb)), out, h, w)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.argument("prompt", required=False, default="")
+@click.option("--init", "init", required=True, type=click.Path(dir_okay=False),
+              help="IN.png; its pure green (0,255,0) pixels are repainted unless --mask is given.")
+@click.option("--mask", "mask", type=click.Path(dir_okay=False), default=None,
+              help="MASK.png of the same size: white (>= 128 grey) = repaint.")
+@_generation_options
+@click.option("--scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
+@click.option("--height", type=int, default=None, help="Must equal the init image's (default: its size).")
+@click.option("--width", type=int, default=None, help="Must equal the init image's (default: its size).")
+def inpaint(model, prompt, init, mask, out, negative, steps, seed, eta, dtype, device, low_memory, force, scale,
+            sampler, height, width):
+    """Repaint part of IN.png, with a plain or a 9-channel inpainting model (PROMPT may be left out)."""
+    from .models import images, pipeline
+
+    _check_output(out, force)
+    rgb = images.read_rgb(init)
+    _init_size(init, rgb, height, width)
+    repaint = images.green_mask(rgb) if mask is None else images.read_mask(mask)
+    h, w = rgb.shape[:2]
+    req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
+                           eta=eta, height=h, width=w)
+    with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory) as models:
+        run = pipeline.inpaint(models, req, images.to_tensor(rgb), repaint)
+        _generate(models, req, "inpaint", run, out, h, w)
+
+
+
+# --- parity ------------------------------------------------------------------------------------
+
+
+@main.group()
+def parity():
+    """Compare the native models with the original code, layer by layer.
+
+    \b
+    sdport parity COMPONENT CHECKPOINT ...   reference vs native (unet, text_model, vit, encoder, decoder)
+    sdport parity record ...                 write the reference's activations (golden file)
+    sdport parity check --golden F ...       native side only, against a golden file
+    sdport parity compare A.h5 B.h5          two activation dumps from any producer
+    """
+
+
+def _tolerance(dtype, tol, tolerances):
+    from .parity.metrics import apply_overrides, default_tolerance, load_tolerances
+
+    try:
+        t = load_tolerances(tolerances, dtype) if tolerances else default_tolerance(dtype)
+        return apply_overrides(t, list(tol))
+    except (ValueError, KeyError) as e:
+        raise SdportError(f"tolerance: {e}") from None
+    except FileNotFoundError:
+        raise SdportError(f"{tolerances}: no such tolerance file") from None
+
+
+def _finish(result, json_path, junit, html, worst=10):
+    """Write the reports, print the summary, exit 1 when the gate fails."""
+    from .parity.report import summary_text
+
+    result.write(json_path, junit, html)
+    click.echo(summary_text(result.report, worst=worst))
+    if result.unpaired:
+        names = ", ".join(list(result.unpaired)[:4]) + (" ..." if len(result.unpaired) > 4 else "")
+        click.echo(f"not observable ({len(result.unpaired)}): {names} (reasons in the JSON report)")
+    for label, path in (("json", json_path), ("junit", junit), ("html", html)):
+        if path:
+            click.echo(f"{label}: {path}")
+    if not result.report.passed:
+        sys.exit(1)
+
+
+def _gate_options(fn):
+    for opt in reversed([
+        click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the JSON report here."),
+        click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report here."),
+        click.option("--html", type=click.Path(dir_okay=False), help="Write a self-contained HTML report here."),
+        click.option("--tol", multiple=True, metavar="METRIC=VALUE",
+                     help="Override one tolerance, e.g. --tol rel_l2=1e-4 (repeatable; 'none' un-gates)."),
+        click.option("--tolerances", type=click.Path(dir_okay=False),
+                     help="JSON/TOML file of tolerances (flat, or per dtype)."),
+        click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+                     help="Native dtype (the reference stays fp32); also picks the default tolerances."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _input_options(fn):
+    for opt in reversed([
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the CPU generator for inputs."),
+        click.option("--prompt", default=None, help="Text for the text encoder (and the UNet's context)."),
+        click.option("--batch", type=int, default=2, show_default=True),
+        click.option("--size", type=int, default=None, help="Spatial side of the input (default per component)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _component_command(component):
+    @click.argument("checkpoint", type=click.Path(dir_okay=False))
+    @click.option("--h5", type=click.Path(dir_okay=False), help="The converted file (default: convert on the fly).")
+    @click.option("--mode", type=click.Choice(["accumulated", "isolated", "both"]), default="both", show_default=True)
+    @_input_options
+    @_gate_options
+    def cmd(checkpoint, h5, mode, seed, prompt, batch, size, json_path, junit, html, tol, tolerances, dtype, device):
+        from .parity.harness import run_parity
+
+        modes = ("accumulated", "isolated") if mode == "both" else (mode,)
+        result = run_parity(component, checkpoint, h5=h5, modes=modes, device=device, dtype=dtype, seed=seed,
+                            prompt=prompt, batch=batch, size=size, tolerance=_tolerance(dtype, tol, tolerances))
+        _finish(result, json_path, junit, html)
+
+    cmd.__doc__ = (f"Reference vs native {component}, layer by layer, from seeded inputs; exit 1 when a "
+                   f"layer breaks tolerance. Isolated mode re-runs each native layer on the reference's input "
+                   f"and names the first one that breaks tolerance as the culprit.")
+    return parity.command(component)(cmd)
+
+
+for _c in COMPONENT_NAMES:
+    _component_command(_c)
+
+
+@parity.command("record")
+@click.argument("component", type=click.Choice(COMPONENT_NAMES))
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Golden .h5 to write.")
+@click.option("--stats-only", is_flag=True, help="Summary statistics, sha256 and a strided sample per layer.")
+@click.option("--sample-size", type=int, default=4096, show_default=True,
+              help="Elements in each layer's strided sample.")
+@click.option("--device", default="cpu", show_default=True)
+@_input_options
+def parity_record(component, checkpoint, out, stats_only, sample_size, device, seed, prompt, batch, size):
+    """Write the reference side's activations for CHECKPOINT (docs/golden.md)."""
+    from .parity.harness import record
+
+    n = record(component, checkpoint, out, stats_only=stats_only, device=device, seed=seed, prompt=prompt,
+               batch=batch, size=size, sample_size=sample_size)
+    click.echo(f"wrote {out}: {n} layers of {component} ({'stats-only' if stats_only else 'full tensors'}), seed {seed}")
+
+
+@parity.command("check")
+@click.option("--golden", "golden_path", required=True, type=click.Path(dir_okay=False), help="Golden dump.")
+@click.option("--h5", type=click.Path(dir_okay=False), help="The converted .h5 to check.")
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
+@_gate_options
+def parity_check(golden_path, h5, checkpoint, json_path, junit, html, tol, tolerances, dtype, device):
+    """The native side alone against a golden dump (no reference package needed): --h5 FILE or CHECKPOINT."""
+    from .parity.harness import check
+
+    result = check(golden_path, h5=h5, checkpoint=checkpoint, device=device, dtype=dtype,
+                   tolerance=_tolerance(dtype, tol, tolerances))
+    _finish(result, json_path, junit, html)
+
+
+@parity.command("compare")
+@click.argument("a", type=click.Path(dir_okay=False))
+@click.argument("b", type=click.Path(dir_okay=False))
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Which default tolerances gate A against B.")
+@click.option("--tol", multiple=True, metavar="METRIC=VALUE", help="Override one tolerance (repeatable).")
+@click.option("--tolerances", type=click.Path(dir_okay=False), help="JSON/TOML file of tolerances.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False))
+@click.option("--junit", type=click.Path(dir_okay=False))
+@click.option("--html", type=click.Path(dir_okay=False))
+def parity_compare(a, b, dtype, tol, tolerances, json_path, junit, html):
+    """Compare activation dump A with dump B (the reference), layer by layer, paired by name."""
+    from .parity.harness import compare_dumps
+
+    _finish(compare_dumps(a, b, dtype=dtype, tolerance=_tolerance(dtype, tol, tolerances)), json_path, junit, html)
+
+
+@main.command()
+@click.option("--out", "out_dir", default="out/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the converted file and the reports go.")
+def demo(out_dir):
+    """The main job on the bundled tiny checkpoint: convert, UNet parity (both modes), reports."""
+    import os
+    from importlib import resources
+
+    from .convert.convert import convert as run_convert
+    from .parity.harness import run_parity
+
+    ckpt = resources.files("sdport.fixtures").joinpath("tiny", "sd-tiny-fp16.ckpt")
+    os.makedirs(out_dir, exist_ok=True)
+    with resources.as_file(ckpt) as ckpt_path:
+        h5 = os.path.join(out_dir, "sd-tiny.h5")
+        s = run_convert(str(ckpt_path), h5, dtype="fp32", force=True)
+        click.echo(f"converted {ckpt_path.name} -> {h5} (fp32): "
+                   + ", ".join(f"{k} {v}" for k, v in s.written.items()))
+        result = run_parity("unet", str(ckpt_path), h5=h5)
+    paths = {k: os.path.join(out_dir, f"parity-unet.{k}") for k in ("json", "html")}
+    paths["junit"] = os.path.join(out_dir, "parity-unet.xml")
+    _finish(result, paths["json"], paths["junit"], paths["html"])
 
 if __name__ == "__main__":
     main()

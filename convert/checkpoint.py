@@ -16,8 +16,10 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -58,6 +60,14 @@ _INERT_EXACT = {"builtins.set", "builtins.frozenset", "builtins.slice", "builtin
 _DANGEROUS_NUMPY = ("numpy.load", "numpy.testing", "numpy.distutils", "numpy.f2py", "numpy.ctypeslib", "numpy.lib")
 
 MAGIC_ZIP = b"PK\x03\x04"
+# data.pkl holds only the structure (keys, shapes, storage ids): about 0.3 MB for SD v1 with EMA.
+# A larger claim is an archive entry built to exhaust memory while it inflates and unpickles.
+_MAX_PICKLE = 64 << 20
+# What zipfile raises on a damaged archive: besides BadZipFile, undecodable names (UnicodeDecodeError),
+# bad deflate streams (zlib.error), unknown compression methods (NotImplementedError), encrypted
+# entries (RuntimeError) and short reads (EOFError, struct.error).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError,
+               NotImplementedError, RuntimeError, struct.error)
 MAGIC_HDF5 = b"\x89HDF\r\n\x1a\n"
 
 
@@ -279,7 +289,7 @@ class _ZipReader:
         try:
             with self.zf.open(info) as f:
                 raw = bytearray(f.read(want + 1))
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        except _ZIP_ERRORS as e:
             raise BadFile(f"{self.path}: cannot read storage '{name}': {e}") from None
         if len(raw) != want:
             raise BadFile(f"{self.path}: storage '{name}' is truncated ({len(raw)} of {want} bytes)")
@@ -302,8 +312,8 @@ class _ZipReader:
 def _open_zip(path: str) -> Checkpoint:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise BadFile(f"{path}: not a readable zip archive ({e})") from None
+    except _ZIP_ERRORS as e:
+        raise BadFile(f"{path}: not a readable zip archive ({type(e).__name__}: {str(e)[:120]})") from None
     pkl = [n for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
     if not pkl:
         zf.close()
@@ -311,19 +321,23 @@ def _open_zip(path: str) -> Checkpoint:
     prefix = pkl[0][: -len("data.pkl")]
     big_endian = False
     if f"{prefix}byteorder" in zf.namelist():
-        big_endian = zf.read(f"{prefix}byteorder").strip() == b"big"
+        try:
+            big_endian = zf.read(f"{prefix}byteorder").strip() == b"big"
+        except _ZIP_ERRORS as e:
+            zf.close()
+            raise BadFile(f"{path}: cannot read '{prefix}byteorder' ({type(e).__name__}: {str(e)[:120]})") from None
     info = zf.getinfo(pkl[0])
-    if info.file_size > 1 << 30:
+    if info.file_size > _MAX_PICKLE:
         zf.close()
-        raise BadFile(f"{path}: data.pkl claims {info.file_size} bytes; refusing to inflate it")
+        raise BadFile(f"{path}: data.pkl claims {info.file_size} bytes (at most {_MAX_PICKLE} expected); refusing to inflate it")
     try:
         data = zf.read(pkl[0])
         obj = _SafeUnpickler(io.BytesIO(data), path).load()
     except UnsafeFile:
         zf.close()
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, zipfile.BadZipFile, OSError, RecursionError, MemoryError, struct.error) as e:
+    except (pickle.UnpicklingError, TypeError, AttributeError, IndexError, KeyError, RecursionError,
+            MemoryError, *_ZIP_ERRORS) as e:
         zf.close()
         raise BadFile(f"{path}: corrupt checkpoint pickle ({type(e).__name__}: {str(e)[:120]})") from None
     wrapper, sd, meta = _find_state_dict(obj, path)
@@ -345,8 +359,11 @@ class _SafetensorsReader:
 
     def __call__(self, key):
         info, start, end = self.entries[key]
-        self.f.seek(self.base + start)
-        raw = bytearray(self.f.read(end - start))
+        try:
+            self.f.seek(self.base + start)
+            raw = bytearray(self.f.read(end - start))
+        except OSError as e:
+            raise BadFile(f"{self.path}: cannot read tensor '{key}' ({e.strerror or e})") from None
         if len(raw) != end - start:
             raise BadFile(f"{self.path}: tensor '{key}' is truncated")
         if not raw:
@@ -400,6 +417,10 @@ def sniff(path: str) -> str:
     if os.path.isdir(path):
         raise BadFile(f"{path}: is a directory, not a checkpoint file")
     try:
+        mode = os.stat(path).st_mode
+        # A FIFO or a device would block the open() below or read forever; lazy reading needs seeks.
+        if not stat.S_ISREG(mode):
+            raise BadFile(f"{path}: not a regular file (a pipe, socket or device); give the checkpoint file itself")
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(16)

@@ -8,13 +8,18 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..models.errors import SdportError
+from ..models import quant
+from ..models.errors import LayoutError, SdportError
 from ..models.layout import SCHEDULE, LayoutReader, LayoutWriter
 from .checkpoint import open_checkpoint
 from .detect import LATENT_SCALE_SD_V1, Plan, plan
 from .table import Row, forward, inverse
 
 CAST = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+QUANTIZE = ("int8",)
+# Components `--quantize int8` applies to unless told otherwise: the UNet holds 70 % of SD v1's
+# weights; the text encoder and the VAE are opt-in (docs/layout.md, "int8 weights", has the errors).
+QUANTIZE_DEFAULT = ("unet",)
 
 
 @dataclass
@@ -41,11 +46,19 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: str = "auto",
             strict: bool = False, force: bool = False, num_heads: int | None = None,
-            compression: str | None = None, progress=None) -> Summary:
-    """Convert `src` to `out`. `progress(n)` is called with the number of tensors done so far."""
+            compression: str | None = None, progress=None, quantize: str | None = None,
+            quantize_components=QUANTIZE_DEFAULT) -> Summary:
+    """Convert `src` to `out`. `progress(n)` is called with the number of tensors done so far.
+
+    `quantize="int8"` stores the Linear/Conv2d weights of `quantize_components` as int8 plus per-channel
+    scales (models/quant.py); every other tensor follows `dtype`.
+    """
     if dtype not in CAST:
         raise SdportError(f"--dtype {dtype}: expected one of {', '.join(CAST)}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise SdportError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
     cast = CAST[dtype]
+    _not_the_input(src, out)
     with open_checkpoint(src) as ckpt:
         p = plan(ckpt, components=components, ema=ema, num_heads=num_heads)
         if strict and p.unknown:
@@ -65,6 +78,10 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
             "ema": p.ema,
             "dtype_policy": dtype,
         }
+        qkeys = _quantized_keys(p, quantize_components) if quantize else {}
+        if quantize:
+            attrs["quantization"] = {"scheme": quant.SCHEME, "bits": 8,
+                                     "components": [c for c in p.components if qkeys.get(c)]}
         done = 0
         with LayoutWriter(out, force=force, attrs=attrs, compression=compression) as w:
             for name, cp in p.components.items():
@@ -75,10 +92,21 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
                     for s, t in zip(row.sources, tensors):
                         if t.is_floating_point() and (bad := int((~torch.isfinite(t)).sum())):
                             summary.nonfinite[cp.key_of[s]] = bad
-                    native = _cast(forward(row, tensors), cast)
-                    w.write(name, row.native, native, sources=[cp.key_of[s] for s in row.sources],
-                            transform=row.transform)
-                    summary.bytes_written += native.numel() * native.element_size()
+                    native = forward(row, tensors)
+                    sources = [cp.key_of[s] for s in row.sources]
+                    if row.native in qkeys.get(name, ()):
+                        # Quantized from the source values (before any cast); scales stay float32.
+                        q, scale = quant.quantize(native)
+                        meta = quant.metadata(row.native, str(native.dtype).replace("torch.", ""))
+                        w.write(name, row.native, q, sources=sources, transform=row.transform,
+                                extra={"quantization": meta})
+                        w.write(name, meta["scale"], scale, sources=sources, transform=row.transform,
+                                extra={"scale_of": row.native})
+                        summary.bytes_written += q.numel() + scale.numel() * scale.element_size()
+                    else:
+                        native = _cast(native, cast)
+                        w.write(name, row.native, native, sources=sources, transform=row.transform)
+                        summary.bytes_written += native.numel() * native.element_size()
                     done += 1
                     if progress:
                         progress(done)
@@ -98,6 +126,18 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
             w.set_attr("ignored", p.ignored)
             w.set_attr("unknown_keys", p.unknown)
     return summary
+
+
+def _quantized_keys(p: Plan, components) -> dict[str, set[str]]:
+    """component -> the native weight keys to store as int8 (models/quant.py `quantizable`)."""
+    from ..models.load import build
+
+    out = {}
+    for name, cp in p.components.items():
+        if name in set(components or ()):
+            with torch.device("meta"):
+                out[name] = set(quant.quantizable(build(name, cp.config_dict)))
+    return out
 
 
 def _ema_differs(ckpt, p: Plan) -> bool | None:
@@ -125,14 +165,19 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
     wrapped ({"state_dict": ...}) unless `wrapper="flat"`. Returns tensors written per component.
     """
     from ..models.config import from_dict
-    from ..models.load import MODELS
+    from ..models.load import MODELS, load_model
     from . import clip_text, unet, vae, vit
 
+    if not os.path.basename(out):
+        raise SdportError(f"output path {out!r} names no file")
+    if os.path.isdir(out):
+        raise SdportError(f"{out}: is a directory")
     if os.path.exists(out) and not force:
         raise SdportError(f"{out}: already exists (use --force to overwrite)")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise SdportError(f"{out}: output directory {parent} does not exist")
+    _not_the_input(h5, out)
     rows_of = {
         "unet": lambda c, f: unet.rows(c),
         "text_model": lambda c, f: clip_text.rows(c),
@@ -144,8 +189,17 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
     counts = {}
     with LayoutReader(h5) as r:
         for name in r.components():
+            if qkeys := r.quantized(name):
+                raise SdportError(f"{h5}: /{name}/{next(iter(qkeys))} is int8-quantized; export writes the source "
+                                  f"weights bit for bit, which a quantized file no longer holds (convert the "
+                                  f"checkpoint again without --quantize)")
+        for name in r.components():
+            load_model(r, name, device="meta")  # names a missing, extra or misshapen dataset before anything is written
             ga = r.group_attrs(name)
-            cfg = from_dict(MODELS[name][0], r.config(name))
+            try:
+                cfg = from_dict(MODELS[name][0], r.config(name))
+            except (TypeError, ValueError) as e:
+                raise LayoutError(f"{h5}: /{name} config does not fit {MODELS[name][0].__name__} ({e})") from None
             prefix = ga.get("source_prefix", "")
             rows: list[Row] = rows_of[name](cfg, ga.get("source_format", "compvis"))
             for row in rows:
@@ -162,12 +216,40 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
             from safetensors.torch import save_file
             save_file(sd, partial, metadata={"format": "pt", "exported_by": f"sdport {__version__}"})
         else:
-            torch.save(sd if wrapper == "flat" else {"state_dict": sd}, partial)
+            # Through a Python file object, so a failed write surfaces as an OSError with its errno
+            # (torch.save on a path reports a full disk as "unexpected pos").
+            with open(partial, "wb") as fh:
+                torch.save(sd if wrapper == "flat" else {"state_dict": sd}, fh)
+        with open(partial, "rb+") as fh:
+            os.fsync(fh.fileno())
         os.replace(partial, out)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(partial):
             os.remove(partial)
+        if isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError":
+            raise SdportError(f"{out}: cannot write ({_write_reason(e)}); removed the partial output, "
+                              f"the destination is untouched") from None
         raise
     return counts
+
+
+def _not_the_input(src: str, out: str) -> None:
+    """--force must not let the output replace the very file being read."""
+    try:
+        same = os.path.exists(out) and os.path.samefile(src, out)
+    except OSError:
+        return
+    if same:
+        raise SdportError(f"{out}: is the input file itself; write to another name")
+
+
+def _write_reason(e: BaseException) -> str:
+    """The errno text of the OSError behind a failed write (torch and safetensors wrap it), else the message."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return " ".join(str(e).split())[:160]
 
 

@@ -73,8 +73,9 @@ def inspect_layout(path: str) -> dict:
                "components": {}}
         for name in [*r.components(), *([SCHEDULE] if r.has(SCHEDULE) else [])]:
             keys = r.keys(name)
-            nbytes = sum(r.f[name][k].nbytes for k in keys)
-            dtypes = Counter(str(r.f[name][k].attrs.get("dtype", "")) for k in keys)
+            with r.guard(f"/{name}"):  # a damaged file: one line, not an h5py traceback
+                nbytes = sum(r.dataset(name, k).nbytes for k in keys)
+                dtypes = Counter(str(r.dataset(name, k).attrs.get("dtype", "")) for k in keys)
             entry = {"datasets": len(keys), "bytes": int(nbytes), "dtypes": dict(dtypes)}
             entry.update({k: v for k, v in r.group_attrs(name).items()})
             out["components"][name] = entry

@@ -5,10 +5,14 @@ through `LayoutReader`. Nothing here knows about CompVis key names.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import os
+import re
+import stat
 
 import h5py
 import numpy as np
@@ -35,6 +39,16 @@ _DTYPES = {
     torch.bool: (np.bool_, "bool"),
 }
 _BY_NAME = {name: (np_dt, t) for t, (np_dt, name) in _DTYPES.items()}
+_STORED = {np.dtype(np_dt) for np_dt, _ in _DTYPES.values()}  # native byte order only
+
+# What h5py raises when a file's metadata is damaged, depending on which structure broke: OSError
+# ("ran off end of input buffer"), RuntimeError ("incorrect metadata checksum"), KeyError ("bad object
+# header version number"), ValueError (a dataset offset past the end of the file, from np.memmap).
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+
+
+def _one_line(e: BaseException, n: int = 160) -> str:
+    return " ".join(str(e).split())[:n]
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -66,6 +80,8 @@ class LayoutWriter:
         self.path = os.fspath(path)
         self.partial = self.path + ".partial"
         self.compression = compression
+        if not os.path.basename(self.path):
+            raise SdportError(f"output path {self.path!r} names no file")
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
             raise SdportError(f"{self.path}: output directory {parent} does not exist")
@@ -130,9 +146,49 @@ class LayoutWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.close()
+            try:
+                self.close()  # a full disk often shows only here, when HDF5 writes its cached metadata
+            except BaseException as e:
+                self.abort()
+                if isinstance(e, OSError):
+                    raise self._write_error(e) from None
+                raise
         else:
             self.abort()
+            if isinstance(exc, OSError) and (exc.filename == self.partial or self.partial in str(exc)):
+                raise self._write_error(exc) from None
+
+    def _write_error(self, e: OSError) -> SdportError:
+        # h5py puts the errno text inside a long multi-line message: "... error message = 'No space left on device' ..."
+        m = re.search(r"error message = '([^']*)'", str(e))
+        reason = m.group(1) if m else (e.strerror or _one_line(e, 120))
+        return SdportError(f"{self.path}: cannot write ({reason}); removed the partial output, the destination is untouched")
+
+
+def _reading(method):
+    """Reader methods: a damaged file becomes one BadFile line naming the file, not an h5py traceback."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.guard("/" + "/".join(map(str, args)) if args else "the root group"):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _open_error(path: str, e: OSError) -> str:
+    text = _one_line(e, 400)
+    if "truncated file" in text:  # HDF5 compares the end-of-file address it stored with the real size
+        return f"{path}: truncated HDF5 file ({text[text.find('eof ='):][:80].rstrip(')')})"
+    if "file signature not found" in text:
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if head.startswith(b"PK\x03\x04") or head[8:9] == b"{":
+            return f"{path}: a checkpoint, not an sdport .h5 file (convert it first: sdport convert {path} -o OUT.h5)"
+        return f"{path}: not an HDF5 file (no HDF5 signature)"
+    if m := re.search(r"error message = '([^']*)'", text):  # the errno text, e.g. 'Permission denied'
+        return f"{path}: cannot open ({m.group(1)})"
+    return f"{path}: not a readable HDF5 file ({text[:160]})"
 
 
 class LayoutReader:
@@ -143,16 +199,29 @@ class LayoutReader:
         if os.path.isdir(self.path):
             raise BadFile(f"{self.path}: is a directory, not an sdport .h5 file")
         try:
+            # A FIFO or a device would block HDF5's open() forever.
+            if not stat.S_ISREG(os.stat(self.path).st_mode):
+                raise BadFile(f"{self.path}: not a regular file (a pipe, socket or device)")
             self.f = h5py.File(self.path, "r")
         except FileNotFoundError:
             raise BadFile(f"{self.path}: no such file") from None
         except OSError as e:
-            raise BadFile(f"{self.path}: not a readable HDF5 file ({str(e).splitlines()[0][:100]})") from None
-        fmt = self.f.attrs.get("format")
+            raise BadFile(_open_error(self.path, e)) from None
+        try:
+            with self.guard("root attributes"):
+                fmt = _decode(self.f.attrs.get("format"))
+                version = self.f.attrs.get("layout_version", -1)
+        except SdportError:
+            self.f.close()
+            raise
         if fmt != FORMAT:
             self.f.close()
             raise LayoutError(f"{self.path}: not an sdport layout file (root attribute format={fmt!r}, expected {FORMAT!r})")
-        version = int(self.f.attrs.get("layout_version", -1))
+        try:
+            version = int(version)
+        except (TypeError, ValueError):
+            self.f.close()
+            raise LayoutError(f"{self.path}: root attribute layout_version={version!r} is not an integer") from None
         if version > LAYOUT_VERSION or version < 1:
             self.f.close()
             raise LayoutError(f"{self.path}: layout version {version}; this sdport reads layout version "
@@ -160,13 +229,26 @@ class LayoutReader:
                               f"{self.path}: invalid layout version {version}")
         self.version = version
 
+    @contextlib.contextmanager
+    def guard(self, what: str):
+        """Turn h5py's errors on damaged metadata or data inside the block into BadFile naming `what`."""
+        try:
+            yield
+        except SdportError:
+            raise
+        except _H5_ERRORS as e:
+            raise BadFile(f"{self.path}: damaged HDF5 file, cannot read {what} ({_one_line(e)})") from None
+
     @property
+    @_reading
     def attrs(self) -> dict:
         return {k: _decode(v) for k, v in self.f.attrs.items()}
 
+    @_reading
     def components(self) -> list[str]:
         return [c for c in COMPONENTS if c in self.f]
 
+    @_reading
     def has(self, group: str) -> bool:
         return group in self.f
 
@@ -175,9 +257,19 @@ class LayoutReader:
             raise LayoutError(f"{self.path}: no '{group}' component (the file holds: {', '.join(self.components()) or 'none'})")
         return self.f[group]
 
+    @_reading
+    def dataset(self, group: str, key: str) -> h5py.Dataset:
+        """The h5py dataset `/group/key` (LayoutError when absent or not a dataset)."""
+        g = self._group(group)
+        if key not in g or not isinstance(g[key], h5py.Dataset):
+            raise LayoutError(f"{self.path}: no dataset '/{group}/{key}'")
+        return g[key]
+
+    @_reading
     def group_attrs(self, group: str) -> dict:
         return {k: _decode(v) for k, v in self._group(group).attrs.items()}
 
+    @_reading
     def config(self, group: str) -> dict:
         g = self._group(group)
         if "config" not in g.attrs:
@@ -187,23 +279,44 @@ class LayoutReader:
         except json.JSONDecodeError:
             raise LayoutError(f"{self.path}: group '/{group}' has a config attribute that is not JSON") from None
 
+    @_reading
     def keys(self, group: str) -> list[str]:
         return list(self._group(group).keys())
 
+    @_reading
     def dataset_attrs(self, group: str, key: str) -> dict:
-        ds = self._group(group)[key]
+        ds = self.dataset(group, key)
         return {k: _decode(v) for k, v in ds.attrs.items()}
 
+    @_reading
+    def quantized(self, group: str) -> dict[str, dict]:
+        """{weight key: its `quantization` attribute} for the int8-quantized datasets of `group`."""
+        g = self._group(group)
+        out = {}
+        for key in g:
+            q = g[key].attrs.get("quantization")
+            if q is not None:
+                q = _decode(q)
+                if not isinstance(q, dict):
+                    raise LayoutError(f"{self.path}: /{group}/{key} has a quantization attribute that is not a JSON object")
+                out[key] = q
+        return out
+
+    @_reading
     def raw(self, group: str, key: str) -> np.ndarray:
         """The dataset's stored array: memory-mapped (copy-on-write) when contiguous and unfiltered."""
-        ds = self._group(group)[key]
+        ds = self.dataset(group, key)
+        if ds.dtype not in _STORED:
+            raise LayoutError(f"{self.path}: /{group}/{key} has element type {ds.dtype}, which the sdport layout "
+                              f"does not use (little-endian {', '.join(sorted(n for _, n in _DTYPES.values()))})")
         offset = ds.id.get_offset()
         if offset is not None and ds.chunks is None and ds.compression is None and ds.size > 0:
             return np.memmap(self.path, dtype=ds.dtype, mode="c", offset=offset, shape=ds.shape)
         return np.asarray(ds[()])
 
+    @_reading
     def tensor(self, group: str, key: str) -> torch.Tensor:
-        ds = self._group(group)[key]
+        ds = self.dataset(group, key)
         name = _decode(ds.attrs.get("dtype", str(ds.dtype)))
         arr = self.raw(group, key)
         if arr.ndim == 0:  # 0-d datasets come back as numpy scalars, which torch refuses
@@ -213,6 +326,7 @@ class LayoutReader:
             t = t.view(torch.bfloat16)
         return t
 
+    @_reading
     def state_dict(self, group: str) -> dict[str, torch.Tensor]:
         return {k: self.tensor(group, k) for k in self.keys(group)}
 
@@ -244,16 +358,24 @@ def verify(path: str) -> list[str]:
     problems = []
     with LayoutReader(path) as r:
         for gname in [*r.components(), *([SCHEDULE] if r.has(SCHEDULE) else [])]:
-            for key in r.keys(gname):
-                ds = r.f[gname][key]
-                want = _decode(ds.attrs.get("sha256"))
-                if not want:
-                    problems.append(f"/{gname}/{key}: no sha256 attribute")
-                    continue
+            try:
+                keys = list(r.f[gname].keys())
+            except _H5_ERRORS as e:  # damaged group metadata: report it and check the other groups
+                problems.append(f"/{gname}: cannot list its datasets ({_one_line(e, 100)})")
+                continue
+            for key in keys:
                 try:
+                    ds = r.f[gname][key]
+                    if not isinstance(ds, h5py.Dataset):
+                        problems.append(f"/{gname}/{key}: is a {type(ds).__name__}, not a dataset")
+                        continue
+                    want = _decode(ds.attrs.get("sha256"))
+                    if not want:
+                        problems.append(f"/{gname}/{key}: no sha256 attribute")
+                        continue
                     got = sha256(np.asarray(ds[()]))
-                except OSError as e:
-                    problems.append(f"/{gname}/{key}: unreadable ({str(e)[:80]})")
+                except _H5_ERRORS as e:
+                    problems.append(f"/{gname}/{key}: unreadable ({_one_line(e, 100)})")
                     continue
                 if got != want:
                     problems.append(f"/{gname}/{key}: sha256 mismatch (stored {want[:12]}…, computed {got[:12]}…)")

@@ -1,11 +1,13 @@
 """Build native models from configs and load them from the HDF5 layout alone."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from . import clip, unet, vae
+from . import clip, quant, unet, vae
 from .config import from_dict
-from .errors import LayoutError
+from .errors import LayoutError, SdportError
 from .layout import LayoutReader
 
 # layout group -> (config class, model class)
@@ -18,6 +20,26 @@ MODELS = {
 }
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Why fp16 on a CPU is refused or warned about: torch has no fast fp16 kernels for x86 CPUs
+# (bench/bench_dtypes.py: a 3x3 conv 97x and a GEMM 114x slower in fp16 than in fp32).
+CPU_FP16_REASON = ("fp16 on a CPU runs about 100x slower than fp32 (no fp16 CPU kernels; measured by "
+                   "bench/bench_dtypes.py): use fp32 or bf16 on a CPU, fp16 on a GPU")
+
+
+class SlowDtypeWarning(UserWarning):
+    """A device/dtype pair that works but runs orders of magnitude slower than the alternatives."""
+
+
+def check_device_dtype(device, dtype, *, refuse: bool = False) -> None:
+    """Warn (or, with `refuse`, raise SdportError) when `dtype` is fp16 on a CPU device."""
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, dtype)
+    if dtype != torch.float16 or torch.device(device).type != "cpu":
+        return
+    if refuse:
+        raise SdportError(f"--dtype fp16 on device cpu: {CPU_FP16_REASON}")
+    warnings.warn(f"fp16 weights on device cpu: {CPU_FP16_REASON}", SlowDtypeWarning, stacklevel=3)
 
 
 def build(component: str, config) -> torch.nn.Module:
@@ -38,6 +60,7 @@ def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtyp
         raise LayoutError(f"{reader.path}: /{component} config does not fit {cfg_cls.__name__} ({e})") from None
     with torch.device("meta"):
         model = build(component, cfg)
+    _swap_quantized(reader, component, model)
     want = model.state_dict()
     have = set(reader.keys(component))
     missing = [k for k in want if k not in have]
@@ -56,4 +79,24 @@ def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtyp
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    check_device_dtype(device, next(model.parameters()).dtype)
     return model.eval().requires_grad_(False)
+
+
+def _swap_quantized(reader: LayoutReader, component: str, model: torch.nn.Module) -> None:
+    """Give every int8 dataset of the file its int8 module (docs/layout.md, "int8 weights")."""
+    qinfo = reader.quantized(component)
+    for key, q in qinfo.items():
+        if q.get("scheme") != quant.SCHEME or q.get("axis", 0) != 0:
+            raise LayoutError(f"{reader.path}: /{component}/{key}: quantization scheme {q.get('scheme')!r} "
+                              f"axis {q.get('axis')!r}; this sdport reads {quant.SCHEME!r} on axis 0")
+        if reader.dataset_attrs(component, key).get("dtype") != "int8":
+            raise LayoutError(f"{reader.path}: /{component}/{key} has a quantization attribute but is not int8")
+        if q.get("scale") != quant.scale_key(key):
+            raise LayoutError(f"{reader.path}: /{component}/{key}: quantization scale {q.get('scale')!r}, "
+                              f"expected {quant.scale_key(key)!r}")
+    try:
+        quant.swap(model, qinfo)
+    except (KeyError, AttributeError) as e:
+        raise LayoutError(f"{reader.path}: /{component}: int8 dataset that no Linear/Conv2d weight takes "
+                          f"({str(e).strip(chr(39))})") from None

@@ -17,7 +17,9 @@ from the down level with the same index.
 
 Fast by construction: one fused q/k/v projection for self-attention, fused k/v for cross-attention,
 token-space `nn.Linear` for the 1x1 projections, `scaled_dot_product_attention`, and optional chunking
-of attention along query tokens (`UNet.set_attention_chunk`) to bound peak memory.
+of attention along query tokens (`UNet.set_attention_chunk`) to bound peak memory. Activations run in
+channels-last memory format: oneDNN's convolutions prefer it, and a spatial transformer's tokens
+[B, H*W, C] are then a free view of its feature map instead of a transposed copy each way.
 """
 from __future__ import annotations
 
@@ -164,7 +166,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)  # [B, N, 8C] -> 2 x [B, N, 4C]
-        return self.out(value * F.gelu(gate))
+        return self.out(F.gelu(gate).mul_(value))  # in place on our own temporary: one buffer fewer
 
 
 class TransformerBlock(nn.Module):
@@ -197,12 +199,13 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
+        # [B, C, H, W] -> [B, H, W, C] -> [B, H*W, C]: a view when x is channels-last, a copy otherwise.
+        t = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
         t = self.proj_in(t)
         for block in self.blocks:
             t = block(t, context)
         t = self.proj_out(t)
-        return x + t.transpose(1, 2).reshape(b, c, h, w)  # [B, H*W, C] -> [B, C, H, W]
+        return x + t.view(b, h, w, c).permute(0, 3, 1, 2)  # [B, H*W, C] -> [B, C, H, W], channels-last view
 
 
 class ResBlock(nn.Module):
@@ -218,10 +221,12 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_proj(F.silu(emb)).to(h.dtype)[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.skip is None else self.skip(x)) + h
+        # In-place steps touch only tensors this block created (never x, never a recorded block output);
+        # additions are commutative, so the bits equal ldm's out-of-place `skip(x) + h`.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h += self.time_proj(F.silu(emb)).to(h.dtype)[:, :, None, None]  # [B, C] -> [B, C, 1, 1]
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.skip is None else self.skip(x))
 
 
 class Upsample(nn.Module):
@@ -326,7 +331,7 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
         context = context.to(dtype)
 
-        h = self.conv_in(x.to(dtype))
+        h = self.conv_in(x.to(dtype).contiguous(memory_format=torch.channels_last))
         skips = [h]
         for level in self.down:
             for i, res in enumerate(level.res):
@@ -350,4 +355,4 @@ class UNet(nn.Module):
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # back to the usual NCHW layout

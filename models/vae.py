@@ -72,9 +72,10 @@ class ResBlock(nn.Module):
         self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.shortcut is None else self.shortcut(x)) + h
+        # In place only on tensors this block created; the commutative add keeps ldm's bits.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(x if self.shortcut is None else self.shortcut(x))
 
 
 class Attention(nn.Module):
@@ -88,10 +89,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H*W, C]
+        # [B, C, H, W] -> [B, H, W, C] -> [B, H*W, C]: a view when x is channels-last, a copy otherwise.
+        t = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
         q, k, v = self.qkv(t).unsqueeze(1).chunk(3, dim=-1)  # [B, H*W, 3C] -> 3 x [B, 1, H*W, C]
         o = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # [B, 1, H*W, C] -> [B, H*W, C]
-        o = self.proj(o).transpose(1, 2).reshape(b, c, h, w)  # [B, H*W, C] -> [B, C, H, W]
+        o = self.proj(o).view(b, h, w, c).permute(0, 3, 1, 2)  # [B, H*W, C] -> [B, C, H, W], channels-last view
         return x + o
 
 
@@ -198,7 +200,9 @@ class VAEDecoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(self.post_quant_conv(z)))
+        # Channels-last activations: oneDNN's convolutions prefer them and the attention's tokens become a view.
+        h = self.post_quant_conv(z.contiguous(memory_format=torch.channels_last))
+        h = self.mid(self.conv_in(h))
         for level in self.up:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # back to the usual NCHW layout

@@ -1,0 +1,101 @@
+"""Load the full UNet ready to run: sdport's HDF5 reader against safetensors load_file + build.
+
+    python bench/bench_load.py [--size full|tiny] [--component unet] [--runs N] [--json OUT]
+
+"Ready to run" = the native module built with every parameter in place and every byte touched
+(a sum over each parameter), so lazy memory maps pay their page faults inside the timing. Readers:
+  sdport       models.load.load_model(h5)   (memory-mapped contiguous datasets)
+  safetensors  safetensors.torch.load_file(native weights) + build on meta + load_state_dict(assign)
+  h5py-read    every dataset read with ds[()] + build (the naive HDF5 reader)
+The safetensors file holds the same native tensors (written once from the .h5, next to it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from subproc import run_child  # noqa: E402
+
+CHILD = r'''
+import time, torch
+from common import current_rss_mib, peak_rss_mib
+base = current_rss_mib()
+h5, st, comp, reader = {h5!r}, {st!r}, {comp!r}, {reader!r}
+from sdport.models.load import load_model, build
+from sdport.models.layout import LayoutReader
+t0 = time.perf_counter()
+if reader == "sdport":
+    m = load_model(h5, comp)
+else:
+    with LayoutReader(h5) as r:
+        cfg = r.config(comp)
+        if reader == "h5py-read":
+            sd = {{k: torch.from_numpy(r.f[comp][k][()]) for k in r.keys(comp)}}
+    if reader == "safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(st)
+    with torch.device("meta"):
+        m = build(comp, cfg)
+    m.load_state_dict(sd, assign=True)
+    m.eval().requires_grad_(False)
+built = time.perf_counter() - t0
+total = sum(float(p.sum()) for p in m.parameters())  # touch every byte
+emit(seconds=time.perf_counter() - t0, build_s=built, baseline_rss_mib=base, peak_rss_mib=peak_rss_mib(),
+     peak_above_baseline_mib=peak_rss_mib() - base, checksum=total)
+'''
+
+READERS = ("sdport", "safetensors", "h5py-read")
+
+
+def safetensors_copy(h5: str, comp: str) -> str:
+    out = os.path.splitext(h5)[0] + f".{comp}.safetensors"
+    if not os.path.exists(out):
+        from safetensors.torch import save_file
+        from sdport.models.layout import LayoutReader
+
+        with LayoutReader(h5) as r:
+            save_file({k: t.contiguous() for k, t in r.state_dict(comp).items()}, out + ".partial")
+        os.replace(out + ".partial", out)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=["full", "tiny"], default="full")
+    ap.add_argument("--component", default="unet")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--readers", default=",".join(READERS))
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    h5 = common.h5_for(common.checkpoint_for(a.size))
+    st = safetensors_copy(h5, a.component)
+    readers = a.readers.split(",")
+    runs = {r: [] for r in readers}
+    for i in range(a.runs):
+        for r in (readers if i % 2 == 0 else readers[::-1]):
+            res = run_child(CHILD.format(h5=h5, st=st, comp=a.component, reader=r))
+            runs[r].append(res)
+            print(f"[{r}] {res['seconds']:.2f} s (built {res['build_s']:.2f} s), peak RSS "
+                  f"{res['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    sums = {r: runs[r][0]["checksum"] for r in readers}
+    results = [{
+        "impl": r,
+        "median_s": statistics.median(x["seconds"] for x in runs[r]),
+        "runs_s": [x["seconds"] for x in runs[r]],
+        "peak_rss_mib": max(x["peak_rss_mib"] for x in runs[r]),
+        "peak_above_baseline_mib": max(x["peak_above_baseline_mib"] for x in runs[r]),
+        "median_build_s": statistics.median(x["build_s"] for x in runs[r]),
+    } for r in readers]
+    record = {"benchmark": "load", "settings": vars(a) | {"h5": h5, "safetensors": st},
+              "machine": common.machine(), "versions": common.versions(), "results": results,
+              "ratios": common.ratios(results), "same_weights": len(set(sums.values())) == 1}
+    common.write_json(a.json, record)
+    print(common.table(results, {"ratios": record["ratios"], "same_weights": record["same_weights"]}))
+
+
+if __name__ == "__main__":
+    main()

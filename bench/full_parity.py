@@ -1,0 +1,113 @@
+"""Full-size parity per component on the CPU: build (if needed), convert, then native vs reference.
+
+    python bench/full_parity.py [--ckpt PATH] [--components unet,decoder,encoder,text_model] [--json OUT]
+
+Each component is loaded from the converted .h5 and compared, fp32, on seeded inputs with the
+reference: UNet vs ldm UNetModel, VAE encoder/decoder vs ldm Encoder/Decoder (+ quant convs), text
+encoder vs transformers CLIPTextModel. One component in memory at a time. Gate: rel_l2 <= 1e-5.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+GATE = 1e-5
+
+
+def _sd(ckpt, prefix):
+    from sdport.convert.checkpoint import open_checkpoint
+
+    with open_checkpoint(ckpt) as c:
+        return {k[len(prefix):]: c.tensor(k) for k in c.keys() if k.startswith(prefix)}
+
+
+def _rel(a, r):
+    a, r = a.double(), r.double()
+    return float((a - r).norm() / r.norm().clamp_min(1e-30)), float((a - r).abs().max())
+
+
+@torch.inference_mode()
+def compare(comp: str, ckpt: str, h5: str) -> dict:
+    from sdport.models.load import load_model
+
+    g = torch.Generator().manual_seed(0)
+    native = load_model(h5, comp)
+    if comp == "unet":
+        from sdport.fixtures.reference_unet import build_reference
+
+        with torch.device("meta"):
+            ref = build_reference(native.config)
+        ref.load_state_dict(_sd(ckpt, "model.diffusion_model."), assign=True)
+        x = torch.randn(2, native.config.in_channels, 64, 64, generator=g)
+        c = torch.randn(2, 77, native.config.context_dim, generator=g)
+        t = torch.tensor([981, 1])
+        outs = [(native(x, t, c), ref(x, t, context=c))]
+    elif comp in ("encoder", "decoder"):
+        from sdport.fixtures.reference_vae import ReferenceVAE
+
+        with torch.device("meta"):
+            ref = ReferenceVAE(native.cfg)
+        ref.load_state_dict(_sd(ckpt, "first_stage_model."), assign=True)
+        if comp == "decoder":
+            z = torch.randn(1, native.cfg.embed_dim, 64, 64, generator=g)
+            outs = [(native(z), ref.decode(z))]
+        else:
+            img = torch.rand(1, 3, 512, 512, generator=g) * 2 - 1
+            (m, lv), (rm, rlv) = native(img), ref.encode(img)
+            outs = [(m, rm), (lv, rlv)]
+    elif comp == "text_model":
+        from sdport.fixtures.reference_clip import build_text_reference
+
+        with torch.device("meta"):
+            ref = build_text_reference(native.config)
+        # transformers 5.x keys may or may not carry "text_model."; follow the reference's own keys.
+        pre = "text_model." if any(k.startswith("text_model.") for k in ref.state_dict()) else ""
+        sd = {pre + k: v for k, v in _sd(ckpt, "cond_stage_model.transformer.text_model.").items()
+              if not k.endswith("position_ids")}
+        missing, unexpected = ref.load_state_dict(sd, assign=True, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+            raise SystemExit(f"text reference keys do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        ids = torch.randint(0, native.config.vocab_size, (2, 77), generator=g)
+        outs = [(native(ids), ref(input_ids=ids).last_hidden_state)]
+    else:
+        raise SystemExit(f"unknown component {comp}")
+    errs = [_rel(a, r) for a, r in outs]
+    return {"component": comp, "rel_l2": max(e[0] for e in errs), "max_abs": max(e[1] for e in errs),
+            "pass": max(e[0] for e in errs) <= GATE}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", default=common.FULL_CKPT)
+    ap.add_argument("--components", default="unet,decoder,encoder,text_model")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    if not os.path.exists(a.ckpt):
+        from sdport.fixtures.build import build_variant
+
+        build_variant("lightning", os.path.dirname(a.ckpt), "full")
+    h5 = common.h5_for(a.ckpt)
+    rows = []
+    for comp in a.components.split(","):
+        t0 = time.perf_counter()
+        r = compare(comp, a.ckpt, h5)
+        r["seconds"] = time.perf_counter() - t0
+        rows.append(r)
+        print(f"{comp:<12} rel_l2 {r['rel_l2']:.2e}  max_abs {r['max_abs']:.2e}  "
+              f"{'ok' if r['pass'] else 'FAIL'}  ({r['seconds']:.0f} s)", flush=True)
+    record = {"benchmark": "full_parity", "settings": vars(a) | {"h5": h5, "gate_rel_l2": GATE},
+              "machine": common.machine(), "versions": common.versions(), "results": rows,
+              "peak_rss_mib": common.peak_rss_mib()}
+    common.write_json(a.json, record)
+    sys.exit(0 if all(r["pass"] for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()

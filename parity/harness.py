@@ -1,0 +1,523 @@
+"""Per-layer parity: the reference (ldm / transformers / open_clip) against the native model, paired
+through the layer map of the mapping table, on inputs drawn from a seed.
+
+One run is two passes, so that only one activation is held at a time:
+1. the reference runs end to end with hooks. As each layer completes (execution order), its output
+   is spilled to a temporary activation dump (for accumulated mode) and, for isolated mode, the
+   native layer re-runs at once on the reference's recorded input and is compared with it;
+2. the native model runs end to end with hooks, each layer compared with the dump as it completes.
+
+`record` is pass 1 alone, written to a golden dump; `check` is pass 2 alone, against a golden dump
+(it imports no reference package).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..models.errors import SdportError
+from ..models.load import DTYPES, load_model
+from ..models.layout import LayoutReader
+from . import golden
+from .capture import hooks, modules_by_name
+from .layers import LayerSpec, first_tensor, layer_map, native_args, reference_output
+from .metrics import METRICS, Tolerance, compare, default_tolerance
+from .report import ACCUMULATED, ISOLATED, MODES, Report, collect_versions, make_layer
+
+COMPONENTS = ("unet", "text_model", "vit", "encoder", "decoder")
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+
+
+class ParityError(SdportError):
+    """Bad input to a parity run: a component the file lacks, an unavailable device, ..."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu' / 'cuda' / 'cuda:N' (or 'meta' in tests) -> torch.device; CUDA must be present."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ParityError(f"--device {device}: expected cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParityError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def deterministic() -> None:
+    """fp32 means fp32: no TF32 matmuls or convolutions (they round inputs to 10-bit mantissas)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ParityError(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return str(dev)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def default_size(component: str, cfg) -> int:
+    """Spatial side of the drawn input: latents of 16 (tiny) / 64 (SD v1), images of 32 latent px."""
+    if component == "unet":
+        return 64 if cfg.model_channels >= 320 else 16
+    if component == "encoder":
+        return 32 * cfg.downscale
+    if component == "decoder":
+        return 32
+    if component == "vit":
+        return cfg.image_size
+    return cfg.max_positions
+
+
+def prompts(prompt: str, batch: int) -> list[str]:
+    """Batch of texts: the empty (unconditional) prompt first, as classifier-free guidance pairs them."""
+    return [prompt] if batch == 1 else [""] + [prompt] * (batch - 1)
+
+
+def draw_inputs(component: str, cfg, *, seed: int = 0, batch: int = 2, size: int | None = None,
+                prompt: str | None = None, encode_text=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Model inputs on the CPU from one seeded CPU generator (device-independent), and their
+    description for the report. `encode_text(ids) -> context` gives the UNet a text context."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    size = size or default_size(component, cfg)
+    desc = {"seed": seed, "generator": f"torch.Generator('cpu').manual_seed({seed}), draws in this order",
+            "batch": batch, "draws": []}
+    out: dict[str, torch.Tensor] = {}
+
+    def draw(name, how, t):
+        out[name] = t
+        desc["draws"].append({"name": name, "how": how, "shape": list(t.shape),
+                              "dtype": str(t.dtype).removeprefix("torch.")})
+
+    if component == "unet":
+        draw("x", "x_T = randn (standard normal)", torch.randn(batch, cfg.in_channels, size, size, generator=g))
+        draw("t", "randint(1, 1000): one timestep per batch item",
+             torch.randint(1, 1000, (batch,), generator=g))
+        desc["timesteps"] = out["t"].tolist()
+        if prompt is not None:
+            from ..models.tokenizer import default_tokenizer
+            tok = default_tokenizer()
+            texts = prompts(prompt, batch)
+            ids = torch.tensor([tok(s) for s in texts])
+            draw("context", f"native text encoder on token ids of {texts!r}", encode_text(ids).float().cpu())
+            desc["prompt"] = prompt
+        else:
+            draw("context", "randn (standard normal)", torch.randn(batch, 77, cfg.context_dim, generator=g))
+    elif component == "text_model":
+        from ..models.tokenizer import default_tokenizer
+        texts = prompts(prompt if prompt is not None else DEFAULT_PROMPT, batch)
+        ids = torch.tensor([default_tokenizer()(s) for s in texts])[:, :cfg.max_positions]
+        draw("ids", f"CLIP tokenizer on {texts!r} (no randomness)", ids)
+        desc["prompt"] = texts[-1]
+    elif component == "encoder":
+        draw("image", "rand * 2 - 1: uniform in [-1, 1)",
+             torch.rand(batch, cfg.in_channels, size, size, generator=g) * 2 - 1)
+    elif component == "decoder":
+        draw("latent", "randn (standard normal)", torch.randn(batch, cfg.embed_dim, size, size, generator=g))
+    elif component == "vit":
+        draw("pixels", "randn (standard normal; stands for CLIP-normalised pixels)",
+             torch.randn(batch, 3, size, size, generator=g))
+    else:
+        raise ParityError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
+    return out, desc
+
+
+def to_device(inputs: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def cast_floats(xs, dtype: torch.dtype):
+    """Floating tensors to `dtype`; integer tensors (token ids, timesteps) and the rest as they are."""
+    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs)
+
+
+def call_native(component: str, model, inputs: dict, dtype: torch.dtype):
+    if component == "unet":
+        return model(*cast_floats((inputs["x"],), dtype), inputs["t"], inputs["context"].to(dtype))
+    (x,) = inputs.values()
+    return model(*cast_floats((x,), dtype))
+
+
+def call_reference(component: str, model, inputs: dict, source_format: str):
+    if component == "unet":
+        return model(inputs["x"], timesteps=inputs["t"], context=inputs["context"])
+    if component == "text_model":
+        return model(input_ids=inputs["ids"])
+    if component == "encoder":
+        return model.encode(inputs["image"])
+    if component == "decoder":
+        return model.decode(inputs["latent"])
+    if source_format == "hf":
+        return model(pixel_values=inputs["pixels"])
+    return model(inputs["pixels"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def load_reference(component: str, checkpoint: str, *, num_heads: int | None = None):
+    """The reference model with the checkpoint's weights, in fp32 on the CPU: (model, config, source format).
+
+    Keys are read exactly as the converter reads them (same plan: prefix, EMA policy)."""
+    from ..convert.checkpoint import open_checkpoint
+    from ..convert.detect import plan
+
+    with open_checkpoint(checkpoint) as ckpt:
+        p = plan(ckpt, components={component}, num_heads=num_heads)
+        if component not in p.components:
+            raise ParityError(f"{checkpoint}: no {component} component in this checkpoint "
+                              f"(it holds: {', '.join(p.components) or 'none'})")
+        cp = p.components[component]
+        sd = {s: ckpt.tensor(cp.key_of[s]).float() for r in cp.rows for s in r.sources}
+    cfg, fmt = cp.config, cp.source_format
+    model = _build_reference(component, cfg, fmt)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # The VAE container holds encoder and decoder; only the other half may stay unloaded.
+    other = {"encoder": ("decoder.", "post_quant_conv."), "decoder": ("encoder.", "quant_conv.")}.get(component, ())
+    missing = [k for k in missing if not k.startswith(other) and not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ParityError(f"{checkpoint}: reference {component} does not take the checkpoint's weights "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.float().eval().requires_grad_(False), cfg, fmt
+
+
+def _build_reference(component: str, cfg, source_format: str):
+    # Reference packages are imported here only: `check` and the native side never reach this.
+    if component == "unet":
+        from ..fixtures.reference_unet import build_reference
+        return build_reference(cfg)
+    if component in ("encoder", "decoder"):
+        from ..fixtures.reference_vae import build_reference
+        return build_reference(cfg)
+    if component == "text_model":
+        from ..fixtures.reference_clip import build_text_reference
+        return build_text_reference(cfg)
+    if source_format == "hf":
+        from ..fixtures.reference_clip import build_vision_reference
+        return build_vision_reference(cfg)
+    from ..fixtures.reference_clip import build_openai_vision_reference
+    return build_openai_vision_reference(cfg)
+
+
+def load_native(h5: str, component: str, device, dtype: torch.dtype):
+    """(native model, its config, the source format recorded in the file)."""
+    with LayoutReader(h5) as r:
+        if not r.has(component):
+            raise ParityError(f"{h5}: no /{component} group (the file holds: {', '.join(r.components()) or 'none'})")
+        fmt = r.group_attrs(component).get("source_format", "compvis")
+        model = load_model(r, component, device=device, dtype=dtype)
+    return model, model.config if hasattr(model, "config") else model.cfg, fmt
+
+
+def ensure_h5(checkpoint: str, h5: str | None, workdir: str, components) -> str:
+    """`h5` when given, else the checkpoint converted (dtype kept) into `workdir`."""
+    if h5 is not None:
+        return h5
+    from ..convert.convert import convert
+    out = os.path.join(workdir, Path(checkpoint).stem + ".h5")
+    convert(checkpoint, out, components=set(components), force=True)
+    return out
+
+
+def text_encoder_fn(h5: str, device):
+    """ids -> context with the native fp32 text encoder of `h5` (for --prompt on the UNet)."""
+    model, _, _ = load_native(h5, "text_model", device, torch.float32)
+
+    @torch.no_grad()
+    def encode(ids):
+        return model(ids.to(device))
+    return encode
+
+
+# ---------------------------------------------------------------------------------------------
+# The two passes
+
+
+def _safe_compare(a: torch.Tensor, r: torch.Tensor) -> dict:
+    """compare(), or all-NaN metrics (which fail every gate) when the shapes cannot line up."""
+    if a.numel() != r.numel():
+        return {m: float("nan") for m in METRICS} | {"nonfinite": 0}
+    return compare(a, r)
+
+
+@torch.no_grad()
+def reference_pass(component: str, ref, specs: list[LayerSpec], inputs: dict, source_format: str,
+                   on_layer) -> dict[str, str]:
+    """Run the reference; call `on_layer(spec, output, args, kwargs)` as each layer completes, with
+    the output in the native layout and the recorded input call. Returns {native: reason} for the
+    layers that never completed."""
+    by_ref: dict[str, list[tuple[LayerSpec, int]]] = {}
+    for s in specs:
+        for i, r in enumerate(s.reference):
+            by_ref.setdefault(r, []).append((s, i))
+    calls: dict[str, tuple] = {}
+    outs: dict[str, list] = {}
+    done: set[str] = set()
+
+    def on_input(rname, args, kwargs):
+        for s, part in by_ref[rname]:
+            if part == 0 and s.native not in done:
+                calls[s.native] = (args, kwargs)
+
+    def on_output(rname, out):
+        for s, part in by_ref[rname]:
+            if s.native in done:
+                continue  # called again (none of the supported models does): the first call counts
+            got = outs.setdefault(s.native, [None] * len(s.reference))
+            got[part] = out
+            if all(o is not None for o in got):
+                done.add(s.native)
+                y = reference_output(s, outs.pop(s.native))
+                args, kwargs = calls.pop(s.native)
+                on_layer(s, y, args, kwargs)
+
+    with hooks(ref, list(by_ref), side="reference", on_input=on_input, on_output=on_output):
+        call_reference(component, ref, inputs, source_format)
+    return {s.native: f"reference module {s.reference_name} is not called as a module"
+            for s in specs if s.native not in done}
+
+
+@torch.no_grad()
+def native_pass(component: str, model, names, inputs: dict, dtype: torch.dtype, on_output) -> set[str]:
+    """Run the native model; `on_output(name, output)` as each named layer completes. Returns the
+    names that fired."""
+    fired: set[str] = set()
+
+    def hook(name, out):
+        if name not in fired:
+            fired.add(name)
+            on_output(name, first_tensor(out))
+
+    with hooks(model, list(names), side="native", on_output=hook):
+        call_native(component, model, inputs, dtype)
+    return fired
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityResult:
+    report: Report
+    unpaired: dict[str, str]     # native layer -> why it could not be compared
+    not_compared: dict[str, str]  # native parameter -> the block that covers it
+
+    def to_dict(self) -> dict:
+        return {**self.report.to_dict(), "unpaired": self.unpaired, "covered_by_block": self.not_compared}
+
+    def write(self, json_path=None, junit=None, html=None) -> None:
+        if json_path:
+            from .report import _encode_nonfinite  # same strict-JSON encoding as Report.to_json
+            text = json.dumps(_encode_nonfinite(self.to_dict()), indent=1, allow_nan=False)
+            Path(json_path).write_text(text + "\n")
+        if junit:
+            self.report.to_junit(junit)
+        if html:
+            self.report.to_html(html)
+
+
+def display(name: str) -> str:
+    """The whole model is the module named "" (the OpenAI ViT's "model" block): say so in reports."""
+    return name or "(model)"
+
+
+def _layer_records(order, names, kinds, shapes, acc, iso, tol):
+    layers = []
+    for i, n in enumerate(order):
+        a, s = acc.get(n), iso.get(n)
+        if a is None and s is None:
+            continue
+        layers.append(make_layer(i, display(n), display(names[n]), kinds[n], shapes[n], tol,
+                                 accumulated=a, isolated=s))
+    return tuple(layers)
+
+
+def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=MODES, device: str = "cpu",
+               dtype: str = "fp32", seed: int = 0, prompt: str | None = None, batch: int = 2,
+               size: int | None = None, tolerance: Tolerance | None = None, patch_native=None,
+               workdir: str | None = None) -> ParityResult:
+    """Reference vs native for one component. `patch_native(model)` may alter the native model
+    before the run (tests plant faults that way)."""
+    if component not in COMPONENTS:
+        raise ParityError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
+    modes = tuple(m for m in MODES if m in modes)
+    if not modes:
+        raise ParityError("no mode: choose accumulated, isolated or both")
+    dev, ndtype = resolve_device(device), dtype_of(dtype)
+    deterministic()
+    tol = tolerance or default_tolerance(dtype)
+    with contextlib.ExitStack() as stack:
+        work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-parity-"))
+        need = [component] + (["text_model"] if component == "unet" and prompt is not None else [])
+        h5 = ensure_h5(checkpoint, h5, work, need)
+        native, ncfg, fmt = load_native(h5, component, dev, ndtype)
+        if patch_native is not None:
+            patch_native(native)
+        ref, _, _ = load_reference(component, checkpoint,
+                                   num_heads=getattr(ncfg, "num_heads", None) if component == "unet" else None)
+        ref = ref.to(dev)
+        specs, not_compared = layer_map(component, ncfg, fmt)
+        encode = text_encoder_fn(h5, dev) if component == "unet" and prompt is not None else None
+        cpu_inputs, desc = draw_inputs(component, ncfg, seed=seed, batch=batch, size=size, prompt=prompt,
+                                       encode_text=encode)
+        inputs = to_device(cpu_inputs, dev)
+        desc.update(checkpoint=os.path.basename(checkpoint), h5=os.path.basename(h5), source_format=fmt,
+                    reference_dtype="fp32", native_dtype=dtype)
+
+        order, names, kinds, shapes = [], {}, {}, {}
+        acc, iso = {}, {}
+        mods = modules_by_name(native, [s.native for s in specs], "native")
+        spill = golden.ActivationWriter(os.path.join(work, "reference.act.h5"), summaries=False) if ACCUMULATED in modes else None
+
+        def on_layer(spec, y, args, kwargs):
+            order.append(spec.native)
+            names[spec.native], kinds[spec.native] = spec.reference_name, spec.kind
+            shapes[spec.native] = tuple(y.shape)
+            if spill is not None:
+                spill.add(spec.native, spec.reference_name, spec.kind, y)
+            if ISOLATED in modes:
+                out = mods[spec.native](*cast_floats(native_args(component, spec, args, kwargs), ndtype))
+                iso[spec.native] = _safe_compare(first_tensor(out), y)
+
+        try:
+            unpaired = reference_pass(component, ref, specs, inputs, fmt, on_layer)
+        finally:
+            if spill is not None:
+                spill.close()
+        del ref
+        if ACCUMULATED in modes:
+            with golden.ActivationReader(spill.path) as dump:
+                def on_native(name, out):
+                    e = dump.by_name.get(name)
+                    if e is not None:
+                        acc[name] = _safe_compare(out, dump.full(e))
+                fired = native_pass(component, native, order, inputs, ndtype, on_native)
+            for n in order:
+                if n not in fired:
+                    unpaired[n] = ("native module is not called as a module: no accumulated metrics"
+                                   + (" (isolated: re-run on the reference's input)" if n in iso else ""))
+        report = Report(component, modes, dtype, device_name(dev), tol, desc,
+                        collect_versions(), _layer_records(order, names, kinds, shapes, acc, iso, tol))
+    return ParityResult(report, unpaired, not_compared)
+
+
+def record(component: str, checkpoint: str, out: str, *, stats_only: bool = False, device: str = "cpu",
+           seed: int = 0, prompt: str | None = None, batch: int = 2, size: int | None = None,
+           h5: str | None = None, sample_size: int = golden.SAMPLE_SIZE) -> int:
+    """Write the reference side's activations (and the inputs) as a golden dump. Returns the layer count."""
+    dev = resolve_device(device)
+    deterministic()
+    with tempfile.TemporaryDirectory(prefix="sdport-record-") as work:
+        ref, cfg, fmt = load_reference(component, checkpoint)
+        ref = ref.to(dev)
+        specs, _ = layer_map(component, cfg, fmt)
+        encode = None
+        if component == "unet" and prompt is not None:
+            encode = text_encoder_fn(ensure_h5(checkpoint, h5, work, ["text_model"]), dev)
+        cpu_inputs, desc = draw_inputs(component, cfg, seed=seed, batch=batch, size=size, prompt=prompt,
+                                       encode_text=encode)
+        desc.update(checkpoint=os.path.basename(checkpoint), source_format=fmt)
+        attrs = {"component": component, "producer": "sdport reference side (ldm / transformers / open_clip)",
+                 "seed": seed, "device": device_name(dev), "dtype": "fp32", "inputs_description": desc,
+                 "versions": collect_versions(), "source_format": fmt, "commit": _commit()}
+        with golden.ActivationWriter(out, mode=golden.STATS if stats_only else golden.FULL, attrs=attrs,
+                                     sample_size=sample_size) as w:
+            w.write_inputs(cpu_inputs)
+            reference_pass(component, ref, specs, to_device(cpu_inputs, dev), fmt,
+                           lambda s, y, a, k: w.add(s.native, s.reference_name, s.kind, y))
+            return w.count
+
+
+def _commit() -> str:
+    """The git commit of this sdport checkout, when it is one (else "")."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = None, device: str = "cpu",
+          dtype: str = "fp32", tolerance: Tolerance | None = None) -> ParityResult:
+    """The native side alone against a golden dump (accumulated mode; no reference package needed)."""
+    dev, ndtype = resolve_device(device), dtype_of(dtype)
+    deterministic()
+    tol = tolerance or default_tolerance(dtype)
+    with contextlib.ExitStack() as stack:
+        dump = stack.enter_context(golden.ActivationReader(golden_path))
+        component = str(dump.attr("component"))
+        if component not in COMPONENTS:
+            raise ParityError(f"{golden_path}: component {component!r} is not one of {', '.join(COMPONENTS)}")
+        if h5 is None:
+            if checkpoint is None:
+                raise ParityError("parity check needs the converted .h5 (--h5) or the checkpoint")
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-check-"))
+            h5 = ensure_h5(checkpoint, None, work, [component])
+        native, _, _ = load_native(h5, component, dev, ndtype)
+        inputs = to_device(dump.inputs(), dev)
+        acc, bit_exact = {}, {}
+
+        def on_native(name, out):
+            e = dump.by_name.get(name)
+            if e is not None:
+                acc[name], bit_exact[name] = golden.compare_with(dump, e, out)
+
+        names = [e.name for e in dump.entries]
+        present = set(dict(native.named_modules()))
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise ParityError(f"{golden_path}: layer {missing[0]!r} is not a module of the native {component}")
+        native_pass(component, native, names, inputs, ndtype, on_native)
+        desc = dict(dump.attr("inputs_description") or {})
+        desc.update(golden=os.path.basename(golden_path), golden_mode=dump.mode, h5=os.path.basename(h5),
+                    bit_exact_layers=sum(bit_exact.values()))
+        layers = tuple(make_layer(e.index, display(e.name), display(e.reference), e.kind, e.shape, tol, accumulated=acc[e.name])
+                       for e in dump.entries if e.name in acc)
+        unpaired = {e.name: "native module did not run" for e in dump.entries if e.name not in acc}
+        report = Report(component, (ACCUMULATED,), dtype, device_name(dev), tol, desc, collect_versions(), layers)
+    return ParityResult(report, unpaired, {})
+
+
+def compare_dumps(a_path: str, b_path: str, *, dtype: str = "fp32", tolerance: Tolerance | None = None) -> ParityResult:
+    """Dump A (as "native") against dump B (as "reference"), layer by layer, paired by name."""
+    tol = tolerance or default_tolerance(dtype)
+    with golden.ActivationReader(a_path) as a, golden.ActivationReader(b_path) as b:
+        ca, cb = a.attr("component"), b.attr("component")
+        if ca != cb:
+            raise golden.GoldenError(f"{a_path} holds {ca!r}, {b_path} holds {cb!r}: nothing to compare")
+        layers = []
+        for eb in b.entries:
+            ea = a.by_name.get(eb.name)
+            if ea is not None:
+                layers.append(make_layer(eb.index, display(eb.name), display(eb.reference), eb.kind, eb.shape, tol,
+                                         accumulated=golden.compare_entries(a, ea, b, eb)))
+        unpaired = {e.name: f"only in {os.path.basename(b_path)}" for e in b.entries if e.name not in a.by_name}
+        unpaired.update({e.name: f"only in {os.path.basename(a_path)}" for e in a.entries if e.name not in b.by_name})
+        desc = {"a": os.path.basename(a_path), "b (reference)": os.path.basename(b_path),
+                "modes": f"{a.mode} vs {b.mode}", "seed": b.attr("seed"),
+                "inputs_description": b.attr("inputs_description")}
+        report = Report(str(ca), (ACCUMULATED,), dtype, "n/a (dumps)", tol, desc, collect_versions(), tuple(layers))
+    return ParityResult(report, unpaired, {})

@@ -1,0 +1,207 @@
+"""`sdport tokenize`, `txt2img`, `img2img` and `inpaint` on the tiny fixtures (small sizes, few steps)."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import run_cli
+from sdport.cli import main
+from sdport.models import images
+from sdport.models.tokenizer import END, START
+
+
+def cli(*args):
+    """In-process run: (exit code, stdout, stderr)."""
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r.exit_code, r.stdout, r.stderr
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def write_png(path, rgb: np.ndarray) -> str:
+    Image.fromarray(rgb, "RGB").save(path)
+    return str(path)
+
+
+def smooth_rgb(h=16, w=16, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 256, (h // 4, w // 4, 3), dtype=np.uint8), "RGB")
+    return np.asarray(small.resize((w, h), Image.BILINEAR)).copy()
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenize
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tokenize_text_and_json():
+    code, out, _ = cli("tokenize", "a photo of a cat")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "5 prompt token(s) of 75; not cut"
+    ids = [int(x) for x in lines[1].split(":", 1)[1].split()]
+    assert len(ids) == 77 and ids[:7] == [START, 320, 1125, 539, 320, 2368, END] and ids[7:] == [END] * 70
+    assert lines[2] == "tokens: <|startoftext|> a</w> photo</w> of</w> a</w> cat</w> <|endoftext|> + 70 x <|endoftext|> (padding)"
+
+    code, out, _ = cli("tokenize", "a photo of a cat", "--json")
+    rec = json.loads(out)
+    assert rec["ids"] == ids and len(rec["tokens"]) == 77 and rec["truncated"] is False and rec["dropped"] == 0
+
+
+def test_tokenize_says_when_a_prompt_is_cut():
+    prompt = " ".join(["red"] * 74 + ["green", "blue", "end"])
+    code, out, _ = cli("tokenize", prompt)
+    assert code == 0
+    assert out.splitlines()[0] == "77 prompt token(s) of 75; CUT: the last 2 do not reach the text encoder: 'blue end'"
+    rec = json.loads(cli("tokenize", prompt, "--json")[1])
+    assert rec["truncated"] and rec["dropped"] == 2 and rec["ids"][-1] == END and len(rec["ids"]) == 77
+
+
+def test_tokenize_file_prints_one_json_line_per_prompt(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("a cat\n\nfish &amp; chips 🍟\n" + "word " * 100 + "\n", "utf-8")
+    code, out, _ = cli("tokenize", "--file", f)
+    assert code == 0
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [r["line"] for r in recs] == [1, 2, 3, 4]
+    assert recs[1]["ids"] == [START] + [END] * 76
+    assert recs[2]["prompt"] == "fish &amp; chips 🍟" and "&</w>" in recs[2]["tokens"]
+    assert [r["truncated"] for r in recs] == [False, False, False, True]
+
+
+def test_tokenize_needs_exactly_one_input(tmp_path):
+    assert cli("tokenize")[0] == 2
+    f = tmp_path / "p.txt"
+    f.write_text("x\n")
+    assert cli("tokenize", "x", "--file", f)[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# txt2img, img2img, inpaint
+# ---------------------------------------------------------------------------------------------
+
+
+def test_txt2img_writes_a_png_with_its_parameters(converted, tmp_path):
+    model = converted["lightning"]
+    out = tmp_path / "a.png"
+    code, stdout, stderr = run_cli("txt2img", model, "a red cube", "--negative", "blurry", "--steps", 4,
+                                   "--seed", 9, "--height", 16, "--width", 24, "-o", out)
+    assert code == 0, stderr
+    assert stdout.startswith(f"wrote {out}: 24x16")
+    assert pixels(out).shape == (16, 24, 3)
+    text = images.read_png_text(out)
+    assert text["prompt"] == "a red cube" and text["negative"] == "blurry"
+    assert (text["seed"], text["steps"], text["sampler"], text["scale"], text["size"]) == ("9", "4", "plms", "7.5", "24x16")
+    assert text["model_sha256"] == sha256(model)
+    assert text["source_sha256"] and text["sdport:mode"] == "txt2img"
+
+    # the same seed gives the same picture; another seed does not
+    again, other = tmp_path / "b.png", tmp_path / "c.png"
+    args = [model, "a red cube", "--negative", "blurry", "--steps", 4, "--height", 16, "--width", 24]
+    assert cli("txt2img", *args, "--seed", 9, "-o", again)[0] == 0
+    assert cli("txt2img", *args, "--seed", 10, "-o", other)[0] == 0
+    assert np.array_equal(pixels(out), pixels(again)) and not np.array_equal(pixels(out), pixels(other))
+
+
+def test_txt2img_ddim_bf16_low_memory_from_an_fp16_file(converted, tmp_path):
+    out = tmp_path / "d.png"
+    code, _, stderr = cli("txt2img", converted["fp16"], "x", "--sampler", "ddim", "--eta", 0.3, "--steps", 4,
+                          "--height", 16, "--width", 16, "--dtype", "bf16", "--low-memory", "-o", out)
+    assert code == 0, stderr
+    # the fp16 source rounded its schedule buffers; the command says what it used instead
+    assert "note: " in stderr and "stored in float16" in stderr and "exact float32" in stderr
+    text = images.read_png_text(out)
+    assert text["sampler"] == "ddim" and text["eta"] == "0.3" and text["dtype"] == "bf16"
+
+
+def test_img2img_runs_from_an_init_png(converted, tmp_path):
+    init = write_png(tmp_path / "in.png", smooth_rgb(16, 24))
+    out = tmp_path / "out.png"
+    code, stdout, stderr = cli("img2img", converted["lightning"], "a boat", "--init", init, "--strength", 0.5,
+                               "--steps", 6, "-o", out)
+    assert code == 0, stderr
+    assert pixels(out).shape == (16, 24, 3)
+    text = images.read_png_text(out)
+    assert text["strength"] == "0.5" and text["sampler"] == "ddim" and text["scale"] == "5.0"
+    # strength 0.5 of 6 steps: 3 DDIM steps from the noised init, so the picture keeps much of the init
+    diff = np.abs(pixels(out).astype(int) - smooth_rgb(16, 24).astype(int)).mean()
+    assert 0 < diff < 128
+
+
+def test_inpaint_green_region_with_a_plain_model(converted, tmp_path):
+    rgb = smooth_rgb(16, 16)
+    rgb[4:12, 4:12] = (0, 255, 0)
+    init = write_png(tmp_path / "in.png", rgb)
+    out = tmp_path / "out.png"
+    code, _, stderr = cli("inpaint", converted["lightning"], "a window", "--init", init, "--steps", 4, "-o", out)
+    assert code == 0, stderr
+    result = pixels(out)
+    assert result.shape == (16, 16, 3)
+    assert not np.all(result[4:12, 4:12] == (0, 255, 0)), "the green square was not repainted"
+    assert images.read_png_text(out)["sdport:mode"] == "inpaint"
+
+
+def test_inpaint_with_the_inpainting_model_mask_file_and_no_prompt(converted, tmp_path):
+    init = write_png(tmp_path / "in.png", smooth_rgb(16, 16))
+    mask = np.zeros((16, 16, 3), np.uint8)
+    mask[2:9, 6:14] = 255
+    mask_path = write_png(tmp_path / "mask.png", mask)
+    out = tmp_path / "out.png"
+    code, _, stderr = cli("inpaint", converted["inpaint"], "--init", init, "--mask", mask_path, "--steps", 4,
+                          "--sampler", "ddim", "-o", out)
+    assert code == 0, stderr
+    assert pixels(out).shape == (16, 16, 3)
+    assert images.read_png_text(out)["prompt"] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one line, exit code 2
+# ---------------------------------------------------------------------------------------------
+
+
+def one_line_error(result, *needles):
+    code, _, stderr = result
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_generation_errors(converted, tmp_path):
+    model = converted["lightning"]
+    out = tmp_path / "o.png"
+    one_line_error(cli("txt2img", model, "x", "--height", 18, "--width", 16, "-o", out),
+                   "--height 18 is not a positive multiple of 4", "try 16 or 20")
+    one_line_error(cli("txt2img", model, "x", "--dtype", "fp16", "-o", out), "fp16", "bf16")
+    one_line_error(cli("txt2img", model, "x", "--steps", 3, "--height", 16, "--width", 16, "-o", out),
+                   "--steps 3", "past the schedule")
+    one_line_error(cli("txt2img", tmp_path / "missing.h5", "x", "-o", out), "missing.h5")
+    one_line_error(cli("txt2img", model, "x", "-o", tmp_path / "nodir" / "o.png"), "does not exist")
+    existing = tmp_path / "exists.png"
+    existing.write_bytes(b"")
+    one_line_error(cli("txt2img", model, "x", "-o", existing), "already exists", "--force")
+
+    plain = write_png(tmp_path / "plain.png", smooth_rgb(16, 16))
+    one_line_error(cli("inpaint", model, "x", "--init", plain, "-o", out), "nothing to repaint")
+    one_line_error(cli("img2img", model, "x", "--init", plain, "--width", 32, "-o", out),
+                   "16x16", "does not resize")
+    odd = write_png(tmp_path / "odd.png", smooth_rgb(16, 16)[:, :14])
+    one_line_error(cli("img2img", model, "x", "--init", odd, "-o", out), "init image width 14")
+    small_mask = write_png(tmp_path / "m.png", np.full((8, 8, 3), 255, np.uint8))
+    one_line_error(cli("inpaint", model, "x", "--init", plain, "--mask", small_mask, "-o", out), "same size")
+    one_line_error(cli("img2img", converted["inpaint"], "x", "--init", plain, "-o", out), "sdport inpaint")
+    assert not out.exists()
