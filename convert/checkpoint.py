@@ -286,11 +286,14 @@ class _ZipReader:
         want = ref.numel * ref.dtype.itemsize
         if info.file_size != want:
             raise BadFile(f"{self.path}: storage '{name}' holds {info.file_size} bytes, expected {want}")
-        try:
-            with self.zf.open(info) as f:
-                raw = bytearray(f.read(want + 1))
-        except _ZIP_ERRORS as e:
-            raise BadFile(f"{self.path}: cannot read storage '{name}': {e}") from None
+        if info.compress_type == zipfile.ZIP_STORED and want:
+            raw = self._read_stored(info, name, want)
+        else:
+            try:
+                with self.zf.open(info) as f:
+                    raw = bytearray(f.read(want + 1))
+            except _ZIP_ERRORS as e:
+                raise BadFile(f"{self.path}: cannot read storage '{name}': {e}") from None
         if len(raw) != want:
             raise BadFile(f"{self.path}: storage '{name}' is truncated ({len(raw)} of {want} bytes)")
         t = torch.frombuffer(raw, dtype=ref.dtype) if want else torch.empty(0, dtype=ref.dtype)
@@ -299,9 +302,34 @@ class _ZipReader:
         self._cache = (ref.key, t)
         return t
 
+    def _read_stored(self, info: zipfile.ZipInfo, name: str, want: int) -> bytearray:
+        """An uncompressed entry (what torch.save writes), read straight into one buffer; CRC still checked."""
+        fp = self.zf.fp
+        try:
+            fp.seek(info.header_offset)
+            header = fp.read(30)
+            if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                raise BadFile(f"{self.path}: bad local header for storage '{name}'")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            fp.seek(info.header_offset + 30 + name_len + extra_len)
+            raw = bytearray(want)
+            got = fp.readinto(raw)
+        except OSError as e:
+            raise BadFile(f"{self.path}: cannot read storage '{name}': {e}") from None
+        if got != want:
+            raise BadFile(f"{self.path}: storage '{name}' is truncated ({got} of {want} bytes)")
+        if zlib.crc32(raw) != info.CRC:
+            raise BadFile(f"{self.path}: storage '{name}' fails its CRC check (corrupt file)")
+        return raw
+
     def __call__(self, key):
         lt = self.tensors[key]
         storage = self._storage(lt.storage)
+        contiguous = tuple(torch.empty(lt.shape, device="meta").stride()) == lt.stride
+        if lt.offset == 0 and contiguous and math.prod(lt.shape) == storage.numel():
+            # The tensor is its whole storage: hand the buffer over instead of copying it.
+            self._cache = None
+            return storage.view(lt.shape)
         return storage.as_strided(lt.shape, lt.stride, lt.offset).clone()
 
     def close(self):

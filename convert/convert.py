@@ -1,8 +1,13 @@
 """checkpoint -> sdport HDF5 layout, and the inverse export back to the source key names."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
+import re
+import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +44,27 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _count_nonfinite(t: torch.Tensor) -> int:
+    """NaN/Inf values in `t`; one min/max pass for the common all-finite case (NaN propagates)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0
+    lo, hi = torch.aminmax(t)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Tensors of 1-150 MB come and go one at a time. glibc raises its mmap threshold after the first
+    large free, so later buffers land on the heap and fragment it (3 GB of RSS for a 4 GB checkpoint);
+    a fixed 1 MiB threshold keeps every large buffer in its own mapping, returned to the OS on free."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     # Only floating-point parameters change dtype; integer buffers keep theirs.
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
@@ -66,10 +92,12 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
         if not p.components:
             raise SdportError(f"{src}: no supported component found" + (f" among {sorted(components)}" if components else ""))
         summary = Summary(out, p)
+        if compression is None:
+            _check_free_space(out, ckpt, p, cast, quantize_components if quantize else ())
         attrs = {
             "tool_version": __version__,
             "source_file": os.path.basename(src),
-            "source_sha256": file_sha256(src),
+            "source_sha256": "",  # filled in at the end: hashed in a thread while converting
             "source_format": ckpt.container,
             "source_wrapper": ckpt.wrapper,
             "family": p.family,
@@ -83,14 +111,17 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
             attrs["quantization"] = {"scheme": quant.SCHEME, "bits": 8,
                                      "components": [c for c in p.components if qkeys.get(c)]}
         done = 0
-        with LayoutWriter(out, force=force, attrs=attrs, compression=compression) as w:
+        _return_freed_memory_to_the_os()
+        hasher = ThreadPoolExecutor(max_workers=1)
+        source_sha256 = hasher.submit(file_sha256, src)  # hashlib releases the GIL: overlaps the writes
+        with hasher, LayoutWriter(out, force=force, attrs=attrs, compression=compression) as w:
             for name, cp in p.components.items():
                 w.group(name, config=cp.config_dict,
                         attrs={"source_prefix": cp.prefix, "source_format": cp.source_format})
                 for row in cp.rows:
                     tensors = [ckpt.tensor(cp.key_of[s]) for s in row.sources]
                     for s, t in zip(row.sources, tensors):
-                        if t.is_floating_point() and (bad := int((~torch.isfinite(t)).sum())):
+                        if bad := _count_nonfinite(t):
                             summary.nonfinite[cp.key_of[s]] = bad
                     native = forward(row, tensors)
                     sources = [cp.key_of[s] for s in row.sources]
@@ -125,6 +156,7 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
                 summary.written[SCHEDULE] = len(p.schedule)
             w.set_attr("ignored", p.ignored)
             w.set_attr("unknown_keys", p.unknown)
+            w.set_attr("source_sha256", source_sha256.result())
     return summary
 
 
@@ -233,6 +265,26 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
     return counts
 
 
+def _check_free_space(out: str, ckpt, p: Plan, cast, quantized) -> None:
+    """Refuse up front when the destination's disk cannot hold the tensors. Running out midway is
+    handled too, but HDF5 2.0 can crash (SIGSEGV) closing a file whose early writes failed."""
+    need = 0
+    for name, cp in p.components.items():
+        if name in quantized:
+            continue  # int8: smaller than any estimate made here
+        for row in cp.rows:
+            for s in row.sources:
+                info = ckpt.infos[cp.key_of[s]]
+                item = cast.itemsize if cast is not None and info.dtype.is_floating_point else info.dtype.itemsize
+                need += info.numel * item
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(out))).free
+    except OSError:
+        return
+    if free < need:
+        raise SdportError(f"{out}: the tensors need {need / 2**20:.1f} MiB, its disk has {free / 2**20:.1f} MiB free")
+
+
 def _not_the_input(src: str, out: str) -> None:
     """--force must not let the output replace the very file being read."""
     try:
@@ -250,6 +302,9 @@ def _write_reason(e: BaseException) -> str:
         if isinstance(seen, OSError) and seen.strerror:
             return seen.strerror
         seen = seen.__cause__ or seen.__context__
-    return " ".join(str(e).split())[:160]
+    text = " ".join(str(e).split())
+    if m := re.search(r"I/O error: (.+?) \(os error \d+\)", text):  # safetensors' wording
+        return m.group(1)
+    return text[:160]
 
 

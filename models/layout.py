@@ -90,7 +90,9 @@ class LayoutWriter:
         if os.path.exists(self.path) and not force:
             raise SdportError(f"{self.path}: already exists (use --force to overwrite)")
         try:
-            self.f = h5py.File(self.partial, "w", track_order=True)
+            # libver v108: object headers, groups and heaps carry checksums, so damaged metadata is refused
+            # by a checksum error instead of sending HDF5 into a loop (as version-1 headers can); HDF5 >= 1.8 reads it.
+            self.f = h5py.File(self.partial, "w", track_order=True, libver=("v108", "latest"))
         except OSError as e:
             raise SdportError(f"{self.partial}: cannot create ({e})") from None
         self.f.attrs["format"] = FORMAT
@@ -150,18 +152,23 @@ class LayoutWriter:
                 self.close()  # a full disk often shows only here, when HDF5 writes its cached metadata
             except BaseException as e:
                 self.abort()
-                if isinstance(e, OSError):
+                if self._is_write_error(e):
                     raise self._write_error(e) from None
                 raise
         else:
             self.abort()
-            if isinstance(exc, OSError) and (exc.filename == self.partial or self.partial in str(exc)):
+            if self._is_write_error(exc):
                 raise self._write_error(exc) from None
 
-    def _write_error(self, e: OSError) -> SdportError:
+    def _is_write_error(self, e: BaseException) -> bool:
+        # h5py raises OSError for a failed dataset write and RuntimeError for a failed metadata flush.
+        return isinstance(e, (OSError, RuntimeError)) and (getattr(e, "filename", None) == self.partial
+                                                           or self.partial in str(e))
+
+    def _write_error(self, e: BaseException) -> SdportError:
         # h5py puts the errno text inside a long multi-line message: "... error message = 'No space left on device' ..."
         m = re.search(r"error message = '([^']*)'", str(e))
-        reason = m.group(1) if m else (e.strerror or _one_line(e, 120))
+        reason = m.group(1) if m else (getattr(e, "strerror", None) or _one_line(e, 120))
         return SdportError(f"{self.path}: cannot write ({reason}); removed the partial output, the destination is untouched")
 
 

@@ -58,10 +58,10 @@ def test_metadata_objects_become_inert(variants):
 def test_tensors_are_materialised_one_at_a_time(variants):
     with open_checkpoint(variants["lightning"]) as ck:
         reader = ck._reader
-        first = ck.keys()[0]
-        ck.tensor(first)
-        # Only the storage of the last tensor read is held.
-        assert reader._cache is not None and reader._cache[0] == reader.tensors[first].storage.key
+        for key in ck.keys():
+            ck.tensor(key)
+            # At most the storage of the tensor just read is held (none when it was handed over whole).
+            assert reader._cache is None or reader._cache[0] == reader.tensors[key].storage.key
 
 
 def _truncate(src, dst, frac):
