@@ -26,7 +26,6 @@ from sdport.convert.convert import convert  # noqa: E402
 from sdport.models import quant  # noqa: E402
 from sdport.models.layout import LayoutReader  # noqa: E402
 from sdport.models.load import load_model  # noqa: E402
-from sdport.parity.metrics import compare  # noqa: E402
 from sdport.parity.quant import quant_report  # noqa: E402
 
 

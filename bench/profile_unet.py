@@ -8,7 +8,6 @@ call, and prints the ops sorted by self CPU time, plus the share of the top ones
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import os
 import re
 import shutil
@@ -15,7 +14,7 @@ import torch
 from .. import __version__
 from ..models import quant
 from ..models.errors import LayoutError, SdportError
-from ..models.layout import SCHEDULE, LayoutReader, LayoutWriter
+from ..models.layout import SCHEDULE, LayoutReader, LayoutWriter, file_sha256
 from .checkpoint import open_checkpoint
 from .detect import LATENT_SCALE_SD_V1, Plan, plan
 from .table import Row, forward, inverse
@@ -34,14 +33,6 @@ class Summary:
     written: dict[str, int] = field(default_factory=dict)  # component -> datasets
     bytes_written: int = 0
     nonfinite: dict[str, int] = field(default_factory=dict)  # source key -> count of NaN/Inf values
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _count_nonfinite(t: torch.Tensor) -> int:

@@ -65,6 +65,15 @@ def sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).reshape(-1).data).hexdigest() if a.size else hashlib.sha256(b"").hexdigest()
 
 
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """sha256 of a whole file, read in 4 MiB blocks (the provenance hash of sources and outputs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _json_attr(v) -> str:
     return json.dumps(v, sort_keys=False)
 

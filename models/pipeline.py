@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 from typing import Iterator, Optional
 
@@ -31,7 +30,7 @@ from .. import __version__
 from .clip import TextConfig
 from .config import from_dict
 from .errors import LayoutError, SdportError
-from .layout import SCHEDULE, LayoutReader
+from .layout import SCHEDULE, LayoutReader, file_sha256
 from .load import DTYPES, check_device_dtype, load_model
 from .samplers import (
     Schedule,
@@ -434,14 +433,6 @@ def inpaint(models: Models, req: Request, init: torch.Tensor, repaint: torch.Ten
 # ---------------------------------------------------------------------------------------------
 # Provenance
 # ---------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def png_text(models: Models, req: Request, mode: str, height: int, width: int) -> dict[str, str]:

@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .metrics import DEFINITIONS, METRICS, Tolerance, check, tolerance_from_dict, tolerance_to_dict
+from .metrics import DEFINITIONS, Tolerance, check, tolerance_from_dict, tolerance_to_dict
 
 ACCUMULATED = "accumulated"
 ISOLATED = "isolated"

@@ -3,7 +3,6 @@ native models loaded from the .h5 alone computing what the reference computes fr
 from __future__ import annotations
 
 import json
-import os
 
 import h5py
 import pytest

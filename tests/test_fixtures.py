@@ -8,6 +8,7 @@ import torch
 
 from sdport.convert.checkpoint import open_checkpoint
 from sdport.fixtures import build
+from sdport.models.layout import file_sha256
 from conftest import COMMITTED_DIR
 
 
@@ -17,7 +18,7 @@ def test_manifest_matches_committed_files():
     for name, entry in manifest.items():
         path = os.path.join(COMMITTED_DIR, name)
         assert os.path.getsize(path) == entry["bytes"]
-        assert build.sha256_file(path) == entry["sha256"], name
+        assert file_sha256(path) == entry["sha256"], name
 
 
 def test_committed_files_are_rebuilt_by_the_script(variants):

@@ -8,7 +8,6 @@ import types
 
 import h5py
 import pytest
-import torch
 import torch.nn.functional as F
 
 from sdport.parity import harness
