@@ -65,16 +65,17 @@ def compare(comp: str, ckpt: str, h5: str) -> dict:
     elif comp == "text_model":
         from sdport.fixtures.reference_clip import build_text_reference
 
-        with torch.device("meta"):
-            ref = build_text_reference(native.config)
+        # Built on the CPU, not on meta: a meta-built transformers model loaded with assign=True
+        # computes something else (rel_l2 0.92 against the same weights loaded normally).
+        ref = build_text_reference(native.cfg)
         # transformers 5.x keys may or may not carry "text_model."; follow the reference's own keys.
         pre = "text_model." if any(k.startswith("text_model.") for k in ref.state_dict()) else ""
         sd = {pre + k: v for k, v in _sd(ckpt, "cond_stage_model.transformer.text_model.").items()
               if not k.endswith("position_ids")}
-        missing, unexpected = ref.load_state_dict(sd, assign=True, strict=False)
+        missing, unexpected = ref.load_state_dict(sd, strict=False)
         if unexpected or [k for k in missing if not k.endswith("position_ids")]:
             raise SystemExit(f"text reference keys do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        ids = torch.randint(0, native.config.vocab_size, (2, 77), generator=g)
+        ids = torch.randint(0, native.cfg.vocab_size, (2, 77), generator=g)
         outs = [(native(ids), ref(input_ids=ids).last_hidden_state)]
     else:
         raise SystemExit(f"unknown component {comp}")

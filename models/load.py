@@ -20,7 +20,7 @@ MODELS = {
 }
 
 # Components whose forward keeps activations in channels-last memory format.
-CHANNELS_LAST = ("unet", "encoder", "decoder")
+CHANNELS_LAST = ("unet",)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -83,7 +83,7 @@ def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtyp
         dtype = DTYPES[dtype]
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     if component in CHANNELS_LAST and str(device) != "meta":
-        # Their activations run channels-last; NCHW conv weights would be reordered on every call
+        # Its activations run channels-last; NCHW conv weights would be reordered on every call
         # (full UNet, batch 2, 64x64, CPU: 10.9 s -> 9.8 s, bench/README.md).
         model = model.to(memory_format=torch.channels_last)
     check_device_dtype(device, next(model.parameters()).dtype)
