@@ -5,7 +5,7 @@ import warnings
 
 import torch
 
-from . import clip, quant, unet, vae
+from . import clip, pack, quant, unet, vae
 from .config import from_dict
 from .errors import LayoutError, SdportError
 from .layout import LayoutReader
@@ -21,6 +21,10 @@ MODELS = {
 
 # Components whose forward keeps activations in channels-last memory format.
 CHANNELS_LAST = ("unet",)
+# Components whose Conv2d/Linear weights are reordered once into oneDNN's layout on a CPU (models/pack.py).
+# Not the VAE: a packed convolution returns channels-last output, and the VAE runs NCHW for its
+# GroupNorms' accuracy at 512x512.
+PACKED = ("unet",)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -53,8 +57,13 @@ def build(component: str, config) -> torch.nn.Module:
     return model_cls(config)
 
 
-def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtype: torch.dtype | str | None = None):
-    """Load one component from an sdport .h5 file; weights are memory-mapped until cast or moved."""
+def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtype: torch.dtype | str | None = None,
+               packed: bool | None = None):
+    """Load one component from an sdport .h5 file; weights are memory-mapped until cast, moved or packed.
+
+    `packed` (default: on a CPU, for the components in PACKED) reorders the weights once into oneDNN's
+    layout (models/pack.py); such a model runs on the CPU only.
+    """
     reader = source if isinstance(source, LayoutReader) else LayoutReader(source)
     cfg_cls = MODELS[component][0]
     try:
@@ -79,9 +88,14 @@ def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtyp
             raise LayoutError(f"{reader.path}: /{component}/{k} has shape {list(t.shape)}, expected {list(meta.shape)}")
         sd[k] = t
     model.load_state_dict(sd, assign=True)
+    del sd  # the model holds the tensors now; packing below must be able to free each plain weight
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    if packed is None:
+        packed = component in PACKED and torch.device(device).type == "cpu"
+    if packed:
+        pack.pack(model)
     if component in CHANNELS_LAST and str(device) != "meta":
         # Its activations run channels-last; NCHW conv weights would be reordered on every call
         # (full UNet, batch 2, 64x64, CPU: 10.9 s -> 9.8 s, bench/README.md).

@@ -146,5 +146,7 @@ def quantize_model(model: nn.Module, weight_keys=None) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers (what its weights cost in memory)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    """Bytes held by the model's parameters, buffers and packed weights (what its weights cost in memory)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [m.packed_weight for m in model.modules() if hasattr(m, "packed_weight")]
+    return sum(t.numel() * t.element_size() for t in tensors)
