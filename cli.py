@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 
 import click
@@ -17,7 +19,12 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            finally:
+                sys.stdout.flush()  # a reader gone away shows here, not as a traceback at interpreter exit
+        except BrokenPipeError:
+            _stdout_closed(ctx)
         except (SdportError, OSError) as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -25,6 +32,32 @@ class _Group(click.Group):
             msg = " ".join(msg.splitlines())  # one line, even when a library's message spans several
             click.echo(f"error: {msg}", err=True)
             ctx.exit(2)
+
+
+def _stdout_closed(ctx):
+    """The reader of stdout went away (`sdport inspect F | head -1`): end quietly with 141 (128 + SIGPIPE),
+    the status a shell reports for a command that a closed pipe stops."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere at exit
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor
+        pass
+    ctx.exit(141)
+
+
+class _Finite(click.ParamType):
+    """A float that is a number: nan and inf are refused (one line, exit 2) instead of reaching a sampler."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        x = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(x):
+            raise SdportError(f"{param.opts[0] if param else 'value'} {value}: expected a finite number")
+        return x
+
+
+FINITE = _Finite()
 
 
 @click.group(cls=_Group)
@@ -228,12 +261,15 @@ def _generation_options(fn):
         click.option("--negative", default="", help="Unconditional prompt (default: the empty prompt)."),
         click.option("--steps", type=int, default=50, show_default=True),
         click.option("--seed", type=int, default=42, show_default=True),
-        click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise (0: deterministic)."),
+        click.option("--eta", type=FINITE, default=0.0, show_default=True, help="DDIM noise (0: deterministic)."),
         click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
                      help="fp16 is for GPUs; bf16 is the fast choice on a CPU."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps, ..."),
         click.option("--low-memory", is_flag=True,
                      help="Load one component at a time and free it (peak: the largest component)."),
+        click.option("--attention-chunk", type=int, default=None, metavar="N",
+                     help="UNet attention over N query tokens at a time (same image; saves memory only where the "
+                          "attention kernel would hold the whole score matrix)."),
         click.option("--force", is_flag=True, help="Overwrite OUT.png."),
     ]):
         fn = opt(fn)
@@ -279,19 +315,20 @@ def _generate(models, req, mode, run, out, height, width):
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.argument("prompt")
 @_generation_options
-@click.option("--scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--scale", type=FINITE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
 @click.option("--height", type=int, default=512, show_default=True)
 @click.option("--width", type=int, default=512, show_default=True)
-def txt2img(model, prompt, out, negative, steps, seed, eta, dtype, device, low_memory, force, scale, sampler,
-            height, width):
+def txt2img(model, prompt, out, negative, steps, seed, eta, dtype, device, low_memory, attention_chunk, force, scale,
+            sampler, height, width):
     """Generate OUT.png from PROMPT with an sdport .h5 (CompVis txt2img defaults: 512x512, 50 PLMS steps)."""
     from .models import pipeline
 
     _check_output(out, force)
     req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
                            eta=eta, height=height, width=width)
-    with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory) as models:
+    with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory,
+                         attention_chunk=attention_chunk) as models:
         _generate(models, req, "txt2img", pipeline.txt2img(models, req), out, height, width)
 
 
@@ -299,15 +336,15 @@ def txt2img(model, prompt, out, negative, steps, seed, eta, dtype, device, low_m
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.argument("prompt")
 @click.option("--init", "init", required=True, type=click.Path(dir_okay=False), help="IN.png to start from.")
-@click.option("--strength", type=float, default=0.75, show_default=True,
+@click.option("--strength", type=FINITE, default=0.75, show_default=True,
               help="How much to change: int(strength * steps) DDIM steps are re-run.")
 @_generation_options
-@click.option("--scale", type=float, default=5.0, show_default=True,
+@click.option("--scale", type=FINITE, default=5.0, show_default=True,
               help="Classifier-free guidance scale (5.0 as ldm's img2img).")
 @click.option("--height", type=int, default=None, help="Must equal the init image's (default: its size).")
 @click.option("--width", type=int, default=None, help="Must equal the init image's (default: its size).")
-def img2img(model, prompt, init, strength, out, negative, steps, seed, eta, dtype, device, low_memory, force, scale,
-            height, width):
+def img2img(model, prompt, init, strength, out, negative, steps, seed, eta, dtype, device, low_memory, attention_chunk,
+            force, scale, height, width):
     """Change IN.png toward PROMPT (ldm's img2img: encode, noise to the strength's step, DDIM back)."""
     from .models import images, pipeline
 
@@ -317,7 +354,8 @@ def img2img(model, prompt, init, strength, out, negative, steps, seed, eta, dtyp
     h, w = rgb.shape[:2]
     req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler="ddim",
                            eta=eta, height=h, width=w, strength=strength)
-    with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory) as models:
+    with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory,
+                         attention_chunk=attention_chunk) as models:
         _generate(models, req, "img2img", pipeline.img2img(models, req, images.to_tensor(rgb)), out, h, w)
 
 
@@ -329,12 +367,12 @@ def img2img(model, prompt, init, strength, out, negative, steps, seed, eta, dtyp
 @click.option("--mask", "mask", type=click.Path(dir_okay=False), default=None,
               help="MASK.png of the same size: white (>= 128 grey) = repaint.")
 @_generation_options
-@click.option("--scale", type=float, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--scale", type=FINITE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
 @click.option("--height", type=int, default=None, help="Must equal the init image's (default: its size).")
 @click.option("--width", type=int, default=None, help="Must equal the init image's (default: its size).")
-def inpaint(model, prompt, init, mask, out, negative, steps, seed, eta, dtype, device, low_memory, force, scale,
-            sampler, height, width):
+def inpaint(model, prompt, init, mask, out, negative, steps, seed, eta, dtype, device, low_memory, attention_chunk,
+            force, scale, sampler, height, width):
     """Repaint part of IN.png, with a plain or a 9-channel inpainting model (PROMPT may be left out)."""
     from .models import images, pipeline
 
@@ -345,7 +383,8 @@ def inpaint(model, prompt, init, mask, out, negative, steps, seed, eta, dtype, d
     h, w = rgb.shape[:2]
     req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
                            eta=eta, height=h, width=w)
-    with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory) as models:
+    with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory,
+                         attention_chunk=attention_chunk) as models:
         run = pipeline.inpaint(models, req, images.to_tensor(rgb), repaint)
         _generate(models, req, "inpaint", run, out, h, w)
 
@@ -363,6 +402,7 @@ def parity():
     sdport parity record ...                 write the reference's activations (golden file)
     sdport parity check --golden F ...       native side only, against a golden file
     sdport parity compare A.h5 B.h5          two activation dumps from any producer
+    sdport parity txt2img CHECKPOINT ...     whole sampler runs, step by step (docs/parity.md)
     """
 
 
@@ -493,6 +533,83 @@ def parity_compare(a, b, dtype, tol, tolerances, json_path, junit, html):
     from .parity.harness import compare_dumps
 
     _finish(compare_dumps(a, b, dtype=dtype, tolerance=_tolerance(dtype, tol, tolerances)), json_path, junit, html)
+
+
+def _layer_steps_option(value):
+    if value is None:
+        return None
+    if value.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise SdportError(f"--layer-steps {value}: expected step numbers like 0,5,9 (or none)") from None
+
+
+@parity.command("txt2img")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--h5", type=click.Path(dir_okay=False), help="The converted file (default: convert on the fly).")
+@click.option("--prompt", required=True)
+@click.option("--negative", default="", help="Unconditional prompt (default: the empty prompt).")
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--scale", type=FINITE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--sampler", default="plms", show_default=True, help="plms or ddim.")
+@click.option("--eta", type=FINITE, default=0.0, show_default=True, help="DDIM noise (0: deterministic).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the CPU generator for x_T.")
+@click.option("--height", type=int, default=None, help="Image height (default: 512 for SD v1, the model's usual size).")
+@click.option("--width", type=int, default=None, help="Image width (default: as --height).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (both sides).")
+@click.option("--dtype", default="fp32", show_default=True, help="Native dtype: fp32, fp16 or bf16 (the reference is fp32).")
+@click.option("--layer-steps", default=None, help="Steps whose UNet call is compared layer by layer, e.g. 0,25,49 "
+              "(default: first, middle, last; none: skip).")
+@click.option("--gate", "gate_dtype", default=None, help="Whose default tolerances gate: fp32, fp16, bf16, int8 "
+              "(default: --dtype).")
+@click.option("--tol", multiple=True, metavar="METRIC=VALUE",
+              help="Override the per-step latent tolerance, e.g. --tol rel_l2=1e-4 (repeatable).")
+@click.option("--image-psnr", type=FINITE, default=None, help="Override the image gate: psnr_db lower bound.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--html", type=click.Path(dir_okay=False), help="Write a self-contained HTML report here.")
+@click.option("--png", type=click.Path(dir_okay=False), help="Write reference | native | difference here.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Write parity-txt2img.{json,png,html} (and the converted .h5) into this folder.")
+def parity_txt2img(checkpoint, h5, prompt, negative, steps, scale, sampler, eta, seed, height, width, device, dtype,
+                   layer_steps, gate_dtype, tol, image_psnr, json_path, html, png, out_dir):
+    """ldm's own sampler against the native pipeline from the same x_T, step by step (free-running and
+    teacher-forced), the decoded images, and the UNet layer by layer at chosen steps; exit 1 when a
+    gate fails (docs/parity.md)."""
+    import os
+
+    from .parity.harness import dtype_of
+    from .parity.metrics import apply_overrides, dtype_key
+    from .parity.txt2img import latent_tolerance, run_txt2img
+    from .parity import txt2img_report as out
+
+    dtype_of(dtype)  # --dtype first: --gate defaults to it
+    try:
+        gate_dtype = dtype_key(gate_dtype or dtype)
+        tolerance = apply_overrides(latent_tolerance(gate_dtype), list(tol))
+    except ValueError as e:
+        raise SdportError(f"--gate/--tol: {e}") from None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        json_path = json_path or os.path.join(out_dir, "parity-txt2img.json")
+        png = png or os.path.join(out_dir, "parity-txt2img.png")
+        html = html or os.path.join(out_dir, "parity-txt2img.html")
+    result = run_txt2img(checkpoint, h5=h5, prompt=prompt, negative=negative, steps=steps, scale=scale,
+                         sampler=sampler, eta=eta, seed=seed, height=height, width=width, device=device, dtype=dtype,
+                         layer_steps=_layer_steps_option(layer_steps), gate_dtype=gate_dtype, tolerance=tolerance,
+                         image_psnr_db=image_psnr, workdir=out_dir)
+    if json_path:
+        out.write_json(result, json_path)
+    scale_text = out.write_png(result, png) if png else None
+    if html:
+        out.write_html(result, html)
+    click.echo(out.summary(result))
+    for label, path in (("json", json_path), ("png", png), ("html", html)):
+        if path:
+            click.echo(f"{label}: {path}" + (f" ({out.PANELS}; heatmap {scale_text})" if label == "png" else ""))
+    if not result.passed:
+        sys.exit(1)
 
 
 @main.command()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -55,12 +54,7 @@ def main(argv=None):
         for p in (copy,):
             if os.path.exists(p):
                 os.remove(p)
-    results = [
-        {"impl": "cp", "median_s": statistics.median(cp_s), "runs_s": cp_s, "peak_rss_mib": None},
-        {"impl": "sdport-convert", "median_s": statistics.median(c["seconds"] for c in conv),
-         "runs_s": [c["seconds"] for c in conv], "peak_rss_mib": max(c["peak_rss_mib"] for c in conv),
-         "peak_above_baseline_mib": max(c["peak_above_baseline_mib"] for c in conv)},
-    ]
+    results = [common.summarise("cp", [{"seconds": s} for s in cp_s]), common.summarise("sdport-convert", conv)]
     record = {"benchmark": "convert", "settings": vars(a) | {"file_bytes": os.path.getsize(a.ckpt), "out": out},
               "machine": common.machine(), "versions": common.versions(), "results": results,
               "convert_over_cp": results[1]["median_s"] / results[0]["median_s"],

@@ -4,7 +4,8 @@
 
 "Ready to run" = the native module built with every parameter in place and every byte touched
 (a sum over each parameter), so lazy memory maps pay their page faults inside the timing. Readers:
-  sdport       models.load.load_model(h5)   (memory-mapped contiguous datasets)
+  sdport       models.load.load_model(h5)   (memory-mapped datasets; on a CPU the UNet's weights are
+               then reordered into oneDNN's layout, models/pack.py, which reads every byte)
   safetensors  safetensors.torch.load_file(native weights) + build on meta + load_state_dict(assign)
   h5py-read    every dataset read with ds[()] + build (the naive HDF5 reader)
 The safetensors file holds the same native tensors (written once from the .h5, next to it).
@@ -43,9 +44,17 @@ else:
     m.load_state_dict(sd, assign=True)
     m.eval().requires_grad_(False)
 built = time.perf_counter() - t0
-total = sum(float(p.sum()) for p in m.parameters())  # touch every byte
-emit(seconds=time.perf_counter() - t0, build_s=built, baseline_rss_mib=base, peak_rss_mib=peak_rss_mib(),
-     peak_above_baseline_mib=peak_rss_mib() - base, checksum=total)
+for p in m.parameters():  # touch every byte (packed weights were written by the packing itself)
+    float(p.sum())
+seconds, peak = time.perf_counter() - t0, peak_rss_mib()
+# Outside the timing: one sum per state-dict key, in key order, so packed and plain models agree exactly.
+sums = {{}}
+for prefix, mod in m.named_modules():
+    for name, t in mod.state_dict(keep_vars=True).items():
+        if "." not in name:
+            sums[f"{{prefix}}.{{name}}"] = float(t.double().sum())
+emit(seconds=seconds, build_s=built, baseline_rss_mib=base, peak_rss_mib=peak,
+     peak_above_baseline_mib=peak - base, checksum=sum(v for _, v in sorted(sums.items())))
 '''
 
 READERS = ("sdport", "safetensors", "h5py-read")
@@ -82,14 +91,8 @@ def main(argv=None):
             print(f"[{r}] {res['seconds']:.2f} s (built {res['build_s']:.2f} s), peak RSS "
                   f"{res['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
     sums = {r: runs[r][0]["checksum"] for r in readers}
-    results = [{
-        "impl": r,
-        "median_s": statistics.median(x["seconds"] for x in runs[r]),
-        "runs_s": [x["seconds"] for x in runs[r]],
-        "peak_rss_mib": max(x["peak_rss_mib"] for x in runs[r]),
-        "peak_above_baseline_mib": max(x["peak_above_baseline_mib"] for x in runs[r]),
-        "median_build_s": statistics.median(x["build_s"] for x in runs[r]),
-    } for r in readers]
+    results = [common.summarise(r, runs[r], median_build_s=statistics.median(x["build_s"] for x in runs[r]))
+               for r in readers]
     record = {"benchmark": "load", "settings": vars(a) | {"h5": h5, "safetensors": st},
               "machine": common.machine(), "versions": common.versions(), "results": results,
               "ratios": common.ratios(results), "same_weights": len(set(sums.values())) == 1}

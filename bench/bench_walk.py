@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,14 +65,8 @@ def main(argv=None):
             runs[r].append(res)
             print(f"[{r}] {res['seconds']:.2f} s, peak RSS {res['peak_rss_mib']:.0f} MiB "
                   f"({res['peak_above_baseline_mib']:.0f} above baseline)", file=sys.stderr, flush=True)
-    results = [{
-        "impl": r,
-        "median_s": statistics.median(x["seconds"] for x in runs[r]),
-        "runs_s": [x["seconds"] for x in runs[r]],
-        "peak_rss_mib": max(x["peak_rss_mib"] for x in runs[r]),
-        "peak_above_baseline_mib": max(x["peak_above_baseline_mib"] for x in runs[r]),
-        "tensors": runs[r][0]["tensors"], "bytes": runs[r][0]["bytes"],
-    } for r in readers]
+    results = [common.summarise(r, runs[r], tensors=runs[r][0]["tensors"], bytes=runs[r][0]["bytes"])
+               for r in readers]
     record = {"benchmark": "walk", "settings": vars(a) | {"file_bytes": os.path.getsize(a.ckpt)},
               "machine": common.machine(), "versions": common.versions(), "results": results}
     common.write_json(a.json, record)

@@ -114,6 +114,25 @@ def h5_for(ckpt: str) -> str:
     return out
 
 
+def summarise(impl: str, runs, **extra) -> dict:
+    """One record of a benchmark's `results` list from its timed runs, each a dict with "seconds" and,
+    where measured, "peak_rss_mib" / "peak_above_baseline_mib" (what a `run_child` snippet emits):
+    impl, median_s, runs_s, peak_rss_mib (the worst run; None when not measured), peak_above_baseline_mib
+    (when measured), then `extra` (figures measured outside the runs, e.g. a worker's peak at exit)."""
+    runs = list(runs)
+
+    def worst(key):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        return round(max(vals), 1) if vals else None
+
+    record = {"impl": impl, "median_s": statistics.median(r["seconds"] for r in runs),
+              "runs_s": [r["seconds"] for r in runs], "peak_rss_mib": worst("peak_rss_mib")}
+    above = worst("peak_above_baseline_mib")
+    if above is not None:
+        record["peak_above_baseline_mib"] = above
+    return record | extra
+
+
 class Worker:
     """A child process holding one implementation; `run()` times one call in it."""
 
@@ -170,14 +189,10 @@ def interleaved(impls: list[str], worker_args: dict[str, list[str]], runs: int, 
     for w in workers:
         outputs[w.impl] = os.path.join(tmp, f"{w.impl}.pt")
         end = w.close(outputs[w.impl])
-        results.append({
-            "impl": w.impl,
-            "median_s": statistics.median(times[w.impl]),
-            "runs_s": times[w.impl],
-            "peak_rss_mib": round(end["peak_rss_mib"], 1),
-            "load_s": round(w.ready["load_s"], 3),
-            **({k: v for k, v in end.items() if k not in ("peak_rss_mib",)}),
-        })
+        # The worker's peak covers its whole life (load and every run): one figure, taken at exit.
+        results.append(summarise(w.impl, [{"seconds": s} for s in times[w.impl]],
+                                 peak_rss_mib=round(end["peak_rss_mib"], 1), load_s=round(w.ready["load_s"], 3),
+                                 **{k: v for k, v in end.items() if k != "peak_rss_mib"}))
     return results, outputs
 
 

@@ -53,10 +53,10 @@ def compare(comp: str, ckpt: str, h5: str) -> dict:
         from sdport.fixtures.reference_vae import ReferenceVAE
 
         with torch.device("meta"):
-            ref = ReferenceVAE(native.cfg)
+            ref = ReferenceVAE(native.config)
         ref.load_state_dict(_sd(ckpt, "first_stage_model."), assign=True)
         if comp == "decoder":
-            z = torch.randn(1, native.cfg.embed_dim, 64, 64, generator=g)
+            z = torch.randn(1, native.config.embed_dim, 64, 64, generator=g)
             outs = [(native(z), ref.decode(z))]
         else:
             img = torch.rand(1, 3, 512, 512, generator=g) * 2 - 1
@@ -67,7 +67,7 @@ def compare(comp: str, ckpt: str, h5: str) -> dict:
 
         # Built on the CPU, not on meta: a meta-built transformers model loaded with assign=True
         # computes something else (rel_l2 0.92 against the same weights loaded normally).
-        ref = build_text_reference(native.cfg)
+        ref = build_text_reference(native.config)
         # transformers 5.x keys may or may not carry "text_model."; follow the reference's own keys.
         pre = "text_model." if any(k.startswith("text_model.") for k in ref.state_dict()) else ""
         sd = {pre + k: v for k, v in _sd(ckpt, "cond_stage_model.transformer.text_model.").items()
@@ -75,7 +75,7 @@ def compare(comp: str, ckpt: str, h5: str) -> dict:
         missing, unexpected = ref.load_state_dict(sd, strict=False)
         if unexpected or [k for k in missing if not k.endswith("position_ids")]:
             raise SystemExit(f"text reference keys do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        ids = torch.randint(0, native.cfg.vocab_size, (2, 77), generator=g)
+        ids = torch.randint(0, native.config.vocab_size, (2, 77), generator=g)
         outs = [(native(ids), ref(input_ids=ids).last_hidden_state)]
     else:
         raise SystemExit(f"unknown component {comp}")

@@ -11,7 +11,7 @@ import re
 import torch
 
 from ..models.clip import TextConfig, TextEncoder
-from .table import Block, Row, UnsupportedCheckpoint, invert
+from .table import Block, Row, UnsupportedCheckpoint, invert, shape_of
 
 SOURCE_PREFIX = "cond_stage_model.transformer.text_model."
 
@@ -57,16 +57,6 @@ def check_shapes(shapes: dict, expected: dict, what: str) -> None:
         got = tuple(shapes[key])
         if got != want:
             raise UnsupportedCheckpoint(f"{what}: key {key!r} has shape {list(got)}, expected {list(want)}")
-
-
-def shape_of(shapes: dict, key: str, ndim: int, what: str, expected: str) -> tuple[int, ...]:
-    """The shape of an anchor key that decides the config; `expected` describes it for the error message."""
-    if key not in shapes:
-        raise UnsupportedCheckpoint(f"{what}: missing key {key!r}, expected shape {expected}")
-    got = tuple(shapes[key])
-    if len(got) != ndim:
-        raise UnsupportedCheckpoint(f"{what}: key {key!r} has shape {list(got)}, expected {expected}")
-    return got
 
 
 def layer_count(shapes: dict, pattern: str, what: str, key_for_error: str) -> int:

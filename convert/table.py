@@ -16,6 +16,17 @@ class UnsupportedCheckpoint(SdportError, ValueError):
     """A checkpoint outside the supported families; the message names the key and shape that decided it."""
 
 
+def shape_of(shapes: dict, key: str, ndim: int, what: str, expected: str) -> tuple[int, ...]:
+    """The shape of an anchor key that decides a config: present and of rank `ndim`, else a one-line
+    UnsupportedCheckpoint naming `what`, the key, the shape found and `expected` (how it is described)."""
+    if key not in shapes:
+        raise UnsupportedCheckpoint(f"{what}: missing key {key!r}, expected shape {expected}")
+    got = tuple(shapes[key])
+    if len(got) != ndim:
+        raise UnsupportedCheckpoint(f"{what}: key {key!r} has shape {list(got)}, expected {expected}")
+    return got
+
+
 @dataclass(frozen=True)
 class Block:
     """A block of the architecture: native submodule prefix <-> reference submodule prefix.

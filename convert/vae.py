@@ -11,7 +11,7 @@ import re
 import torch
 
 from ..models.vae import NORM_GROUPS, VAEConfig, VAEDecoder, VAEEncoder
-from .table import Block, Row, UnsupportedCheckpoint, invert
+from .table import Block, Row, UnsupportedCheckpoint, invert, shape_of
 
 SOURCE_PREFIX = "first_stage_model."
 
@@ -129,15 +129,6 @@ def source_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in src.items()}
 
 
-def _need(shapes: dict, key: str, ndim: int) -> tuple[int, ...]:
-    if key not in shapes:
-        raise UnsupportedCheckpoint(f"VAE: key {key!r} missing; expected a {ndim}-d tensor (no KL autoencoder found)")
-    s = tuple(shapes[key])
-    if len(s) != ndim:
-        raise UnsupportedCheckpoint(f"VAE: key {key!r} has shape {s}; expected a {ndim}-d tensor")
-    return s
-
-
 def _levels(shapes: dict, pattern: str) -> int:
     found = {int(m.group(1)) for k in shapes if (m := re.match(pattern, k))}
     return max(found) + 1 if found else 0
@@ -150,7 +141,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:
     outside the family (attention outside the middle block, widths that GroupNorm(32) cannot split, ...).
     """
     shapes = {k: tuple(v) for k, v in shapes.items()}
-    conv_in = _need(shapes, "encoder.conv_in.weight", 4)  # [ch, in, 3, 3]
+    what = "VAE"
+    conv_in = shape_of(shapes, "encoder.conv_in.weight", 4, what, "[ch, in_channels, 3, 3] of a CompVis KL autoencoder")
     ch, in_channels = conv_in[0], conv_in[1]
     if ch % NORM_GROUPS:
         raise UnsupportedCheckpoint(
@@ -163,24 +155,24 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:
         raise UnsupportedCheckpoint("VAE: no 'encoder.down.0.block.0.*' keys; expected a CompVis KL autoencoder encoder")
     ch_mult = []
     for i in range(n_levels):
-        w = _need(shapes, f"encoder.down.{i}.block.0.conv1.weight", 4)[0]
+        w = shape_of(shapes, f"encoder.down.{i}.block.0.conv1.weight", 4, what, f"[{ch} * ch_mult[{i}], in, 3, 3]")[0]
         if w % ch:
             raise UnsupportedCheckpoint(
                 f"VAE: key 'encoder.down.{i}.block.0.conv1.weight' has shape {shapes[f'encoder.down.{i}.block.0.conv1.weight']};"
                 f" expected an output width that is a multiple of ch={ch}"
             )
         ch_mult.append(w // ch)
-    conv_out = _need(shapes, "encoder.conv_out.weight", 4)  # [2z, C, 3, 3]
+    conv_out = shape_of(shapes, "encoder.conv_out.weight", 4, what, "[2 * z_channels, width, 3, 3]")
     if conv_out[0] % 2:
         raise UnsupportedCheckpoint(
             f"VAE: key 'encoder.conv_out.weight' has shape {conv_out}; expected an even output width (mean and logvar)"
         )
-    quant = _need(shapes, "quant_conv.weight", 4)  # [2E, 2z, 1, 1]
+    quant = shape_of(shapes, "quant_conv.weight", 4, what, "[2 * embed_dim, 2 * z_channels, 1, 1]")
     if quant[0] % 2:
         raise UnsupportedCheckpoint(
             f"VAE: key 'quant_conv.weight' has shape {quant}; expected an even output width (mean and logvar)"
         )
-    out_ch = _need(shapes, "decoder.conv_out.weight", 4)[0]
+    out_ch = shape_of(shapes, "decoder.conv_out.weight", 4, what, f"[out_channels, {ch}, 3, 3]")[0]
     try:
         cfg = VAEConfig(
             ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=n_res, z_channels=conv_out[0] // 2,

@@ -16,9 +16,8 @@ from __future__ import annotations
 import math
 
 from ..models.clip import VisionConfig, VisionEncoder
-from .clip_text import (check_shapes, expected_source_shapes, heads_for, hf_layer_rows, layer_count, norm_rows,
-                        shape_of)
-from .table import Block, Row, UnsupportedCheckpoint
+from .clip_text import check_shapes, expected_source_shapes, heads_for, hf_layer_rows, layer_count, norm_rows
+from .table import Block, Row, UnsupportedCheckpoint, shape_of
 
 SOURCES: dict[str, str] = {
     "openai": "visual.",

@@ -153,7 +153,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.embed = TextEmbedding(cfg)
         self.layers = _blocks(cfg.layers, cfg.hidden, cfg.heads, cfg.intermediate, cfg.activation,
                               cfg.layer_norm_eps, causal=True)
@@ -196,7 +196,7 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.embed = PatchEmbedding(cfg)
         self.pre_norm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.layers = _blocks(cfg.layers, cfg.hidden, cfg.heads, cfg.intermediate, cfg.activation,

@@ -82,12 +82,19 @@ class Models:
     a stage needs it and freed right after (text encoder, then VAE encoder, then UNet, then decoder),
     so peak memory is the largest component plus activations.
 
+    `attention_chunk` (None: off) makes the UNet's attention take that many query tokens at a time
+    (`UNet.set_attention_chunk`): the same result, a smaller score matrix where the attention kernel
+    would hold one whole (bench/bench_memory.py measures the effect).
+
     `notes` collects one-line remarks for the user (e.g. which noise schedule was used and why).
     """
 
     def __init__(self, path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str = "fp32",
-                 low_memory: bool = False):
+                 low_memory: bool = False, attention_chunk: int | None = None):
         self.path = os.fspath(path)
+        if attention_chunk is not None and attention_chunk < 1:
+            raise SdportError(f"--attention-chunk {attention_chunk}: expected a whole number of query tokens >= 1")
+        self.attention_chunk = attention_chunk
         self.device = _device(device)
         if dtype not in DTYPES:
             raise SdportError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -121,6 +128,8 @@ class Models:
         model = self._loaded.get(component)
         if model is None:
             model = load_model(self.reader, component, device=self.device, dtype=self.dtype)
+            if component == "unet" and self.attention_chunk is not None:
+                model.set_attention_chunk(self.attention_chunk)
             if not self.low_memory:
                 self._loaded[component] = model
         try:

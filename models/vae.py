@@ -159,7 +159,7 @@ class VAEEncoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         widths = [cfg.ch * m for m in cfg.ch_mult]
         n = len(widths)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
@@ -186,7 +186,7 @@ class VAEDecoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         widths = [cfg.ch * m for m in reversed(cfg.ch_mult)]  # execution order: deepest level first
         n = len(widths)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)

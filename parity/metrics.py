@@ -141,6 +141,10 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "int8": Tolerance(rel_l2=1e-1, cosine=0.99, psnr_db=20.0),
 }
 
+# Sampler parity (`sdport parity txt2img`): lower bound on the psnr_db of the decoded image of a whole
+# run, native against the reference. Its latents are gated per step with the rel_l2 above.
+IMAGE_PSNR_DB: dict[str, float] = {"fp32": 60.0, "fp16": 30.0, "bf16": 25.0, "int8": 20.0}
+
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
                   "bfloat16": "bf16", "qint8": "int8"}
 

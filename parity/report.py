@@ -340,9 +340,14 @@ def _e(s) -> str:
     return html.escape(str(s), quote=True)
 
 
+# Height of the chart's row for exact zeros, under the log scale.
+_ZERO_ROW = 26
+
+
 def chart_svg(report: Report, width: int = 1000, height: int = 360) -> str:
     """Per-layer rel_l2 in execution order, log-scale y, tolerance line, failing layers red, the
-    culprit marked and labelled. Plain inline SVG; hover titles give each point's numbers."""
+    culprit marked and labelled. Exact zeros (no log value) get hollow markers in their own row
+    under the scale, labelled "exact (0)". Plain inline SVG; hover titles give each point's numbers."""
     layers = report.layers
     L, R, T, B = 72, 20, 34, 48
     pw, ph = width - L - R, height - T - B
@@ -361,13 +366,21 @@ def chart_svg(report: Report, width: int = 1000, height: int = 360) -> str:
     hi = math.ceil(math.log10(max(finite_pos))) if finite_pos else 0
     if hi <= lo:
         hi = lo + 1
-    lo -= 1  # room at the bottom for exact zeros
+    lo -= 1  # a decade of room under the smallest value
+    # A log scale has no place for 0: exact zeros get a row of their own under the scale.
+    zeros = any(v == 0 for v in vals)
+    zh = _ZERO_ROW if zeros else 0
+    sh = ph - zh  # height of the log scale
+    y_sep = T + sh + 5  # a dashed line apart from the lowest gridline
+    y_zero = (y_sep + T + ph) / 2
 
     def y_of(v: float) -> float:
         if math.isnan(v) or v == math.inf:
             return T  # off the scale: pinned to the top
-        lv = lo if v <= 0 else min(max(math.log10(v), lo), hi)
-        return T + ph * (hi - lv) / (hi - lo)
+        if v <= 0:
+            return y_zero
+        lv = min(max(math.log10(v), lo), hi)
+        return T + sh * (hi - lv) / (hi - lo)
 
     n = len(layers)
 
@@ -380,8 +393,12 @@ def chart_svg(report: Report, width: int = 1000, height: int = 360) -> str:
         y = y_of(10.0 ** d)
         parts.append(f'<line x1="{L}" y1="{y:.1f}" x2="{L + pw}" y2="{y:.1f}" stroke="#e4e4e4"/>')
         parts.append(f'<text x="{L - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">1e{d}</text>')
-    parts.append(f'<text x="16" y="{T + ph / 2}" class="axis" text-anchor="middle" '
-                 f'transform="rotate(-90 16 {T + ph / 2})">rel_l2 (log)</text>')
+    if zeros:
+        parts.append(f'<line x1="{L}" y1="{y_sep:.1f}" x2="{L + pw}" y2="{y_sep:.1f}" stroke="#999" '
+                     f'stroke-dasharray="2 3"/>')
+        parts.append(f'<text x="{L - 6}" y="{y_zero + 4:.1f}" class="tick" text-anchor="end">exact (0)</text>')
+    parts.append(f'<text x="16" y="{T + sh / 2}" class="axis" text-anchor="middle" '
+                 f'transform="rotate(-90 16 {T + sh / 2})">rel_l2 (log)</text>')
     # Layer ticks: about ten, at round numbers.
     xt = max(1, 10 ** math.floor(math.log10(max(n / 10, 1))))
     while n / xt > 12:
@@ -414,25 +431,39 @@ def chart_svg(report: Report, width: int = 1000, height: int = 360) -> str:
 
     r = 3.5 if n <= 80 else 2.5 if n <= 300 else 1.8
     for m in modes:
-        pts = [(x_of(i), y_of(l.metrics[m]["rel_l2"])) for i, l in enumerate(layers) if m in l.metrics]
-        if len(pts) > 1:
-            d = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
-            parts.append(f'<polyline points="{d}" fill="none" stroke="{_COLORS[m]}" '
-                         f'stroke-width="1.2" opacity="0.7"/>')
+        # The line joins runs of values on the scale; it does not dive into the exact-zero row.
+        runs, run = [], []
+        for i, l in enumerate(layers):
+            if m not in l.metrics:
+                continue
+            v = l.metrics[m]["rel_l2"]
+            if v == 0:
+                runs, run = runs + [run], []
+            else:
+                run.append((x_of(i), y_of(v)))
+        for pts in runs + [run]:
+            if len(pts) > 1:
+                d = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+                parts.append(f'<polyline points="{d}" fill="none" stroke="{_COLORS[m]}" '
+                             f'stroke-width="1.2" opacity="0.7"/>')
         for i, l in enumerate(layers):
             if m not in l.metrics:
                 continue
             v = l.metrics[m]["rel_l2"]
             bad = l.failed(m)
             tip = (f"#{l.index} {l.native} | ref {l.reference} | {l.kind} | {m} rel_l2={_fmt(v)}"
+                   + (" (exact)" if v == 0 else "")
                    + (" | FAIL: " + "; ".join(l.failures[m]) if bad else ""))
-            fill = _RED if bad else _COLORS[m]
+            color = _RED if bad else _COLORS[m]
+            # Hollow markers for exact zeros, filled ones for values on the scale.
+            paint = (f'fill="white" stroke="{color}" stroke-width="1.5" class="exact"' if v == 0
+                     else f'fill="{color}"')
             shape = "circle" if m == ACCUMULATED else "rect"
             x, y = x_of(i), y_of(v)
             if shape == "circle":
-                el = f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" fill="{fill}"'
+                el = f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r}" {paint}'
             else:  # isolated points are squares, so both modes stay readable where they overlap
-                el = f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r}" height="{2 * r}" fill="{fill}"'
+                el = f'<rect x="{x - r:.1f}" y="{y - r:.1f}" width="{2 * r}" height="{2 * r}" {paint}'
             parts.append(f'{el}><title>{_e(tip)}</title></{shape}>')
 
     # Legend.
@@ -444,6 +475,11 @@ def chart_svg(report: Report, width: int = 1000, height: int = 360) -> str:
         lx += 110
     parts.append(f'<circle cx="{lx + 5}" cy="{T - 14}" r="4" fill="{_RED}"/>'
                  f'<text x="{lx + 14}" y="{T - 10}" class="tick">fails tolerance</text>')
+    if zeros:
+        lx += 120
+        parts.append(f'<circle cx="{lx + 5}" cy="{T - 14}" r="3.5" fill="white" stroke="#555" stroke-width="1.5"/>'
+                     f'<text x="{lx + 14}" y="{T - 10}" class="tick">exact (0): rel_l2 = 0, drawn in the row '
+                     f'under the scale</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 

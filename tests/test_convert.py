@@ -3,6 +3,7 @@ native models loaded from the .h5 alone computing what the reference computes fr
 from __future__ import annotations
 
 import json
+import os
 
 import h5py
 import pytest
@@ -12,7 +13,7 @@ from sdport.convert.checkpoint import open_checkpoint
 from sdport.convert.convert import convert, export
 from sdport.models.layout import LayoutReader, verify
 from sdport.models.load import load_model
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 SD = ["lightning", "flat", "safetensors", "fp16", "ema", "position_ids", "inpaint", "callback"]
 
@@ -50,6 +51,36 @@ def test_inspect_vit(variants, variant):
     rc, out, _ = run_cli("inspect", "--json", variants[variant])
     info = json.loads(out)
     assert rc == 0 and info["family"] == "clip-vit" and list(info["configs"]) == ["vit"]
+
+
+def _closed_early(args, read_lines=0):
+    """Run the CLI with stdout a pipe whose reader reads `read_lines` lines, then closes it (as `| head`)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "sdport.cli", *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    lines = [p.stdout.readline() for _ in range(read_lines)]
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    return p.wait(timeout=120), lines, err
+
+
+def test_closed_stdout_ends_quietly(tmp_path):
+    """`sdport inspect F | head -1`: no "Broken pipe" message, no traceback; exit 141 (128 + SIGPIPE)."""
+    tiny = os.path.join(REPO, "fixtures", "tiny", "sd-tiny-fp16.ckpt")
+    for args in (["inspect", tiny], ["inspect", "--json", tiny]):
+        rc, _, err = _closed_early(args)  # reader gone before the first write
+        assert (rc, err) == (141, ""), (args, err)
+    # Reader gone after one line, while the command still writes (far more than a pipe holds).
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photograph of an astronaut riding a horse\n" * 400)
+    rc, lines, err = _closed_early(["tokenize", "--file", prompts], read_lines=1)
+    assert json.loads(lines[0])["line"] == 1
+    assert (rc, err) == (141, "")
+    # Unharmed: the same command with its reader present.
+    rc, out, err = run_cli("inspect", tiny)
+    assert rc == 0 and out.startswith(tiny) and not err
 
 
 def test_inspect_layout(converted):
@@ -239,3 +270,15 @@ def test_text_vae_vit_from_h5_match_references(variants, converted):
         oa = reference_clip.build_openai_vision_reference(VisionConfig.tiny())
         oa.load_state_dict(_reference_sd(variants["vit_openai"], "visual."))
         assert _rel_l2(load_model(converted["vit_openai"], "vit")(pix), oa(pix)) <= 1e-5
+
+
+@pytest.mark.parametrize("component,variant", [("unet", "lightning"), ("text_model", "lightning"),
+                                               ("encoder", "lightning"), ("decoder", "lightning"),
+                                               ("vit", "vit_openai")])
+def test_every_native_model_names_its_config_config(converted, component, variant):
+    model = load_model(converted[variant], component, device="meta")
+    with LayoutReader(converted[variant]) as r:
+        stored = r.config(component)
+    assert type(model.config).__name__.endswith("Config") and not hasattr(model, "cfg")
+    assert {k: getattr(model.config, k) for k in stored} == {
+        k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}

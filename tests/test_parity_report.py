@@ -303,6 +303,35 @@ def test_html_self_contained_with_chart_and_culprit(tmp_path):
     ET.fromstring(chart_svg(rep))  # the SVG is well-formed XML on its own
 
 
+def test_chart_draws_exact_zeros_apart_from_the_scale():
+    """rel_l2 = 0 has no log value: hollow markers in a row under the lowest gridline, labelled and
+    explained in the legend, never on a gridline like a real 1e-N."""
+    rep = _report(acc=[0, 1e-6, 3e-4, 0], iso=[0, 1e-6, 1e-6, 1e-6])
+    svg = ET.fromstring(chart_svg(rep))
+    elements = list(svg.iter())
+
+    def y(el):
+        return float(el.get("cy")) if el.tag == "circle" else float(el.get("y")) + float(el.get("height")) / 2
+
+    # Data points are the markers with a hover title (legend symbols have none).
+    markers = [el for el in elements if el.tag in ("circle", "rect") and el.find("title") is not None]
+    exact = [el for el in markers if el.get("class") == "exact"]
+    assert len(exact) == 3 and all(el.get("fill") == "white" for el in exact)
+    assert all("(exact)" in "".join(el.itertext()) for el in exact)
+    grid = [float(el.get("y1")) for el in elements if el.tag == "line" and el.get("stroke") == "#e4e4e4"]
+    on_scale = [y(el) for el in markers if el.get("class") != "exact"]
+    assert len(on_scale) == 5
+    zero_y = {y(el) for el in exact}
+    assert len(zero_y) == 1 and min(zero_y) > max(grid) and min(zero_y) > max(on_scale)
+    texts = ["".join(el.itertext()) for el in elements if el.tag == "text"]
+    assert "exact (0)" in texts  # the row's label on the axis
+    assert any(t.startswith("exact (0):") for t in texts)  # and in the legend
+
+    plain = ET.fromstring(chart_svg(_report(acc=[1e-6, 3e-4])))
+    assert not [el for el in plain.iter() if el.get("class") == "exact"]
+    assert not any("exact (0)" in "".join(el.itertext()) for el in plain.iter())
+
+
 @pytest.mark.parametrize("acc", [[], [0.0, 0.0], [float("inf"), 1e-3], [float("nan")]])
 def test_chart_edge_cases(acc):
     rep = _report(acc=acc)

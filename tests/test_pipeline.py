@@ -1,9 +1,10 @@
 """Pipelines end to end against a reference assembled from the original parts, on the tiny fixtures.
 
-The reference: transformers' CLIPTokenizer + CLIPTextModel (as CompVis' FrozenCLIPEmbedder calls them),
-ldm's UNetModel, ldm's PLMSSampler / DDIMSampler driven by a stand-in for LatentDiffusion (its module
-needs pytorch_lightning) that carries the checkpoint's own schedule buffers, and ldm's Encoder / Decoder.
-Its weights come straight from the CompVis checkpoint; the native side reads only the converted .h5.
+The reference (parity/txt2img.py's ReferencePipeline): transformers' CLIPTokenizer + CLIPTextModel (as
+CompVis' FrozenCLIPEmbedder calls them), ldm's UNetModel, ldm's PLMSSampler / DDIMSampler driven by a
+stand-in for LatentDiffusion (its module needs pytorch_lightning) that carries the checkpoint's own
+schedule buffers, and ldm's Encoder / Decoder. Its weights come straight from the CompVis checkpoint;
+the native side reads only the converted .h5.
 """
 from __future__ import annotations
 
@@ -18,15 +19,12 @@ import ldm.models.diffusion.ddim as ldm_ddim
 import ldm.models.diffusion.plms as ldm_plms
 
 from sdport.convert.convert import convert
-from sdport.fixtures import reference_clip, reference_unet, reference_vae
 from sdport.models import pipeline as P
 from sdport.models import tokenizer as tk
-from sdport.models.clip import TextConfig
 from sdport.models.errors import LayoutError, SdportError
 from sdport.models.samplers import linear_schedule
-from sdport.models.unet import UNetConfig
-from sdport.models.vae import VAEConfig
 from sdport.parity.metrics import compare
+from sdport.parity.txt2img import ReferencePipeline
 
 SCALE = 7.5
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -37,64 +35,18 @@ PROMPT = "a photograph of an astronaut riding a horse"
 # ---------------------------------------------------------------------------------------------
 
 
-def _prefixed(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+class Reference(ReferencePipeline):
+    """The reference pipeline of `sdport parity txt2img`, with its VAE encoder, plus text in through
+    transformers' CLIPTokenizer as CompVis' FrozenCLIPEmbedder tokenizes it."""
 
-
-class StandIn:
-    """What ldm's samplers read from LatentDiffusion, with the checkpoint's buffers; apply_model is
-    ldm's DiffusionWrapper for conditioning_key 'crossattn' (a tensor) or 'hybrid' (a dict)."""
-
-    parameterization = "eps"
-
-    def __init__(self, sd: dict, unet):
-        for k in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                  "sqrt_one_minus_alphas_cumprod"):
-            setattr(self, k, sd[k].float())
-        self.num_timesteps = self.betas.shape[0]
-        self.device = torch.device("cpu")
-        self.unet = unet
-
-    def apply_model(self, x, t, c):
-        if isinstance(c, dict):  # ldm's hybrid conditioning: xc = cat([x] + c_concat), context = cat(c_crossattn)
-            return self.unet(torch.cat([x] + c["c_concat"], dim=1), t, context=torch.cat(c["c_crossattn"], 1))
-        return self.unet(x, t, context=c)
-
-
-class Reference:
-    def __init__(self, ckpt: str, tmp_path_factory, in_channels: int = 4):
-        sd = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-        self.sd = sd
-        ucfg = UNetConfig(**{**UNetConfig.tiny().__dict__, "in_channels": in_channels})
-        self.unet = reference_unet.build_reference(ucfg)
-        self.unet.load_state_dict(_prefixed(sd, "model.diffusion_model."), strict=True)
-        self.vae = reference_vae.build_reference(VAEConfig.tiny())
-        self.vae.load_state_dict(_prefixed(sd, "first_stage_model."), strict=True)
-        self.text = reference_clip.build_text_reference(TextConfig.tiny())
-        text_sd = _prefixed(sd, "cond_stage_model.transformer.text_model.")
-        if next(iter(self.text.state_dict())).startswith("text_model."):  # transformers 4.x naming
-            text_sd = {"text_model." + k: v for k, v in text_sd.items()}
-        self.text.load_state_dict(text_sd, strict=True)
+    def __init__(self, ckpt: str, tmp_path_factory):
+        super().__init__(ckpt, components=("text_model", "unet", "encoder", "decoder"))
         self.tokenizer = _hf_tokenizer(tmp_path_factory)
-        self.model = StandIn(sd, self.unet)
-        self.scale_factor = 0.18215
 
-    @torch.no_grad()
     def encode_text(self, text: str) -> torch.Tensor:
-        # CompVis' FrozenCLIPEmbedder.forward
         batch = self.tokenizer([text], truncation=True, max_length=77, return_length=True,
                                return_overflowing_tokens=False, padding="max_length", return_tensors="pt")
-        return self.text(input_ids=batch["input_ids"]).last_hidden_state
-
-    @torch.no_grad()
-    def first_stage_encoding(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        # get_first_stage_encoding(encode_first_stage(x)): a posterior sample (noise from `gen`), scaled
-        mean, logvar = self.vae.encode(image)
-        return self.scale_factor * (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen))
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(1.0 / self.scale_factor * z)  # decode_first_stage
+        return self.encode_ids(batch["input_ids"])
 
 
 def _hf_tokenizer(tmp_path_factory):
@@ -117,7 +69,7 @@ def ref(variants, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref_inpaint(variants, tmp_path_factory):
-    return Reference(variants["inpaint"], tmp_path_factory, in_channels=9)
+    return Reference(variants["inpaint"], tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +230,13 @@ def test_plain_inpainting_keeps_the_init_latent_outside_the_mask(models, sampler
 # ---------------------------------------------------------------------------------------------
 
 
-def test_float32_schedule_is_used_as_stored(models, ref):
+def test_float32_schedule_is_used_as_stored(models, ref, variants):
+    ref_ckpt = variants["lightning"]
+    stored = torch.load(ref_ckpt, map_location="cpu", weights_only=True)["state_dict"]
     for k in ("alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
-        assert torch.equal(getattr(models.schedule, k), ref.sd[k]), k
+        assert stored[k].dtype == torch.float32
+        assert torch.equal(getattr(models.schedule, k), stored[k]), k
+        assert torch.equal(getattr(ref.model, k), stored[k]), k
     assert models.latent_scale == pytest.approx(0.18215, abs=0) and models.notes == []
 
 

@@ -205,3 +205,20 @@ def test_generation_errors(converted, tmp_path):
     one_line_error(cli("inpaint", model, "x", "--init", plain, "--mask", small_mask, "-o", out), "same size")
     one_line_error(cli("img2img", converted["inpaint"], "x", "--init", plain, "-o", out), "sdport inpaint")
     assert not out.exists()
+
+
+def test_non_finite_floats_are_refused(converted, tmp_path):
+    model = converted["lightning"]
+    out = tmp_path / "o.png"
+    plain = write_png(tmp_path / "plain.png", smooth_rgb(16, 16))
+    for value in ("nan", "inf", "-inf", "NaN", "Infinity"):
+        one_line_error(cli("txt2img", model, "x", "--scale", value, "-o", out), f"--scale {value}", "finite")
+        one_line_error(cli("img2img", model, "x", "--init", plain, "--strength", value, "-o", out),
+                       f"--strength {value}", "finite")
+    one_line_error(cli("img2img", model, "x", "--init", plain, "--scale", "nan", "-o", out), "--scale nan")
+    one_line_error(cli("inpaint", model, "x", "--init", plain, "--scale", "inf", "-o", out), "--scale inf")
+    one_line_error(cli("txt2img", model, "x", "--eta", "nan", "--sampler", "ddim", "-o", out), "--eta nan")
+    assert not out.exists()
+    # In a real process too: one line on stderr, exit 2, nothing on stdout.
+    rc, stdout, err = run_cli("txt2img", model, "x", "--scale", "nan", "-o", out)
+    assert (rc, stdout, err) == (2, "", "error: --scale nan: expected a finite number\n")

@@ -214,8 +214,16 @@ def test_infer_config_errors():
     s = dict(good, **{"encoder.down.3.attn.0.q.weight": (512, 512, 1, 1)})
     _raises(s, "encoder.down.3.attn.0.q.weight", "(512, 512, 1, 1)", "unexpected")
 
-    _raises({"model.diffusion_model.out.0.weight": (320,)}, "encoder.conv_in.weight", "missing")
-    _raises(dict(good, **{"encoder.conv_in.weight": (128, 3, 3)}), "encoder.conv_in.weight", "(128, 3, 3)")
+    # Anchor keys (the shared shape_of of the mapping tables): key, shape found, shape expected.
+    _raises({"model.diffusion_model.out.0.weight": (320,)}, "VAE: missing key 'encoder.conv_in.weight'",
+            "expected shape [ch, in_channels, 3, 3]")
+    _raises(dict(good, **{"encoder.conv_in.weight": (128, 3, 3)}),
+            "VAE: key 'encoder.conv_in.weight' has shape [128, 3, 3], expected [ch, in_channels, 3, 3]")
+    _raises(dict(good, **{"quant_conv.weight": (8, 8)}), "key 'quant_conv.weight' has shape [8, 8]",
+            "expected [2 * embed_dim, 2 * z_channels, 1, 1]")
+    s = dict(good)
+    del s["decoder.conv_out.weight"]
+    _raises(s, "missing key 'decoder.conv_out.weight'", "[out_channels, 128, 3, 3]")
 
 
 def test_ddconfig_matches_sd_v1_yaml():

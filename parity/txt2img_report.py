@@ -1,0 +1,217 @@
+"""Writers for a sampler-parity run (parity/txt2img.py): terminal summary, JSON, side-by-side PNG, HTML.
+
+The PNG is reference | native | difference heatmap, each H x W. The heatmap is |native - reference|
+(largest over R, G, B, in decoder units where the image spans [-1, 1]) divided by its maximum, on a
+black-red-yellow-white scale; the text chunk `sdport:diff_scale` says what white stands for.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..models import images
+from .report import (_CSS, _e, _encode_nonfinite, _fmt, _fmt_metric, _kv_table, _worst_key, chart_svg,
+                     summary_text)
+from .txt2img import FREE, TEACHER, Txt2ImgResult
+
+PANELS = "reference | native | |native - reference| heatmap"
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal
+
+
+def summary(result: Txt2ImgResult, worst: int = 3) -> str:
+    s, g = result.settings, result.gate
+    out = [f"parity txt2img: {s['sampler']} {s['steps']} steps"
+           + (f" (eta {s['eta']})" if s["sampler"] == "ddim" else "")
+           + f", scale {s['scale']}, {s['width']}x{s['height']}, seed {result.inputs['seed']}; native {result.dtype} "
+           f"on {result.device} vs reference fp32",
+           f"gate ({g['dtype']}): teacher-forced latent rel_l2 <= {_fmt(g['latent'].rel_l2)} at every step, "
+           f"image psnr_db >= {_fmt(g['image_psnr_db'])}",
+           f"  {'step':>4} {'t':>5}  {'free rel_l2':>11} {'free psnr':>9}  {'tf rel_l2':>11} {'tf psnr':>9}  status"]
+    for r in result.steps:
+        f, t = r[FREE], r[TEACHER]
+        out.append(f"  {r['step']:>4} {r['t']:>5}  {_fmt(f['rel_l2']):>11} {_fmt(f['psnr_db']):>9}  "
+                   f"{_fmt(t['rel_l2']):>11} {_fmt(t['psnr_db']):>9}  {'FAIL' if r['failures'] else 'pass'}")
+    im = result.image
+    out.append(f"image: psnr_db {_fmt(im['psnr_db'])}, rel_l2 {_fmt(im['rel_l2'])}, max_abs {_fmt(im['max_abs'])}"
+               f" ({'FAIL' if im['failures'] else 'pass'})")
+    c = result.conditioning
+    out.append("text encoders: " + ", ".join(f"{k} rel_l2 {_fmt(v['rel_l2'])}" for k, v in c.items()))
+    for step, res in result.layers.items():
+        rep = res.report
+        cul = rep.culprit
+        ranked = sorted(rep.layers, key=_worst_key, reverse=True)[:worst]
+        out.append(f"UNet layers at step {step} (t={result.steps[step]['t']}): {rep.counts()['fail']} of "
+                   f"{rep.counts()['layers']} fail; culprit: {'none' if cul is None else cul.line()}")
+        for l in ranked:
+            vals = ", ".join(f"{m[:3]} {_fmt(v.get('rel_l2'))}" for m, v in l.metrics.items())
+            out.append(f"    worst: {l.native} ({l.reference}) rel_l2 {vals}")
+    for note in result.notes:
+        out.append(f"note: {note}")
+    out.append("PASS" if result.passed else f"FAIL: {len(result.failures)} gate(s) broken; first: {result.failures[0]}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def write_json(result: Txt2ImgResult, path) -> None:
+    """Strict JSON; non-finite numbers as the strings "inf" / "-inf" / "nan", as parity reports."""
+    Path(path).write_text(json.dumps(_encode_nonfinite(result.to_dict()), indent=1, allow_nan=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG
+
+
+def _hot(h: torch.Tensor) -> torch.Tensor:
+    """[1, 1, H, W] in [0, 1] -> [1, 3, H, W] in [0, 1]: black, red, yellow, white."""
+    return torch.cat([(3 * h).clamp(0, 1), (3 * h - 1).clamp(0, 1), (3 * h - 2).clamp(0, 1)], dim=1)
+
+
+def side_by_side(reference: torch.Tensor, native: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """([1, 3, H, 3W] in [-1, 1], the heatmap's scale as text)."""
+    d = (native.float() - reference.float()).abs().amax(dim=1, keepdim=True)  # [1, 1, H, W]
+    peak = float(d.max())
+    if peak > 0 and math.isfinite(peak):
+        heat = _hot(d / peak)
+        scale = (f"white = {peak:.3g} (decoder units, image range [-1, 1]; {peak * 127.5:.3g} of 255 levels), "
+                 f"black = 0: amplified {2 / peak:.3g}x")
+    else:
+        heat = torch.zeros_like(reference)
+        scale = "identical images: all black" if peak == 0 else f"non-finite difference ({peak})"
+    panel = torch.cat([reference.clamp(-1, 1), native.clamp(-1, 1), heat * 2 - 1], dim=3)  # [1, 3, H, 3W]
+    return panel, scale
+
+
+def png_text(result: Txt2ImgResult, scale: str) -> dict[str, str]:
+    s = result.settings
+    return {"sdport:panels": PANELS, "sdport:diff_scale": scale,
+            "sdport:image_psnr_db": _fmt(result.image["psnr_db"], 6), "prompt": result.inputs["prompt"],
+            "negative": result.inputs["negative"], "seed": str(result.inputs["seed"]), "sampler": s["sampler"],
+            "steps": str(s["steps"]), "scale": repr(float(s["scale"])), "dtype": result.dtype,
+            "device": result.device, "model": result.inputs["checkpoint"]}
+
+
+def write_png(result: Txt2ImgResult, path) -> str:
+    """The side-by-side PNG; returns the heatmap's scale."""
+    panel, scale = side_by_side(result.reference_image, result.native_image)
+    images.write_png(panel, path, png_text(result, scale))
+    return scale
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+
+def steps_svg(result: Txt2ImgResult, width: int = 900, height: int = 300) -> str:
+    """rel_l2 per step, free-running and teacher-forced, log scale, with the gate line."""
+    L, R, T, B = 64, 16, 26, 40
+    pw, ph = width - L - R, height - T - B
+    series = {FREE: "#1f77b4", TEACHER: "#e08a00"}
+    vals = [r[k]["rel_l2"] for r in result.steps for k in series]
+    pos = [v for v in vals if isinstance(v, float) and math.isfinite(v) and v > 0]
+    thr = result.gate["latent"].rel_l2
+    lo = math.floor(math.log10(min(pos + ([thr] if thr else [])))) - 1 if pos else -8
+    hi = math.ceil(math.log10(max(pos + ([thr] if thr else [])))) if pos else 0
+    hi = max(hi, lo + 1)
+    n = len(result.steps)
+
+    def x_of(i):
+        return L + pw * (i + 0.5) / n
+
+    def y_of(v):
+        if not math.isfinite(v) or v <= 0:
+            return T if (math.isnan(v) or v > 0) else T + ph
+        return T + ph * (hi - min(max(math.log10(v), lo), hi)) / (hi - lo)
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']
+    for d in range(lo, hi + 1):
+        y = y_of(10.0 ** d)
+        parts.append(f'<line x1="{L}" y1="{y:.1f}" x2="{L + pw}" y2="{y:.1f}" stroke="#e4e4e4"/>'
+                     f'<text x="{L - 6}" y="{y + 4:.1f}" class="tick" text-anchor="end">1e{d}</text>')
+    if thr:
+        y = y_of(thr)
+        parts.append(f'<line x1="{L}" y1="{y:.1f}" x2="{L + pw}" y2="{y:.1f}" stroke="#d62728" '
+                     f'stroke-dasharray="6 4"/><text x="{L + pw - 4}" y="{y - 5:.1f}" class="tick" fill="#d62728" '
+                     f'text-anchor="end">gate {_fmt(thr)}</text>')
+    for i, r in enumerate(result.steps):
+        if n <= 60 or i % max(1, n // 10) == 0:
+            parts.append(f'<text x="{x_of(i):.1f}" y="{T + ph + 16}" class="tick" text-anchor="middle">{r["step"]}</text>')
+    parts.append(f'<text x="{L + pw / 2}" y="{height - 6}" class="axis" text-anchor="middle">step</text>')
+    for k, colour in series.items():
+        pts = [(x_of(i), y_of(r[k]["rel_l2"])) for i, r in enumerate(result.steps)]
+        parts.append(f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in pts)}" fill="none" '
+                     f'stroke="{colour}" stroke-width="1.5"/>')
+        for (x, y), r in zip(pts, result.steps):
+            bad = k == TEACHER and r["failures"]
+            parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.5" fill="{"#d62728" if bad else colour}">'
+                         f'<title>step {r["step"]} t={r["t"]} {k} rel_l2={_fmt(r[k]["rel_l2"])}</title></circle>')
+    lx = L + 8
+    for k, colour in series.items():
+        parts.append(f'<circle cx="{lx + 5}" cy="{T - 12}" r="4" fill="{colour}"/>'
+                     f'<text x="{lx + 14}" y="{T - 8}" class="tick">{k}</text>')
+        lx += 130
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _png_data_uri(result: Txt2ImgResult) -> tuple[str, str]:
+    from PIL import Image
+
+    panel, scale = side_by_side(result.reference_image, result.native_image)
+    buf = io.BytesIO()
+    Image.fromarray(images.to_uint8(panel), "RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), scale
+
+
+def html_page(result: Txt2ImgResult) -> str:
+    s = result.settings
+    verdict = "PASS" if result.passed else "FAIL"
+    title = f"sdport parity txt2img: {s['sampler']} {s['steps']} steps ({result.dtype}, {result.device})"
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+           f'<h1>{_e(title)} <span class="badge {verdict.lower()}">{verdict}</span></h1>',
+           f'<div class="meta">prompt {_e(repr(result.inputs["prompt"]))} &middot; scale {_e(s["scale"])} &middot; '
+           f'{s["width"]}x{s["height"]} &middot; seed {_e(result.inputs["seed"])} &middot; gate {_e(result.gate["dtype"])}: '
+           f'teacher-forced rel_l2 &le; {_e(_fmt(result.gate["latent"].rel_l2))}, image psnr_db &ge; '
+           f'{_e(_fmt(result.gate["image_psnr_db"]))}</div>']
+    if result.failures:
+        out.append('<div class="culpritbox">' + "<br>".join(_e(f) for f in result.failures[:20]) + "</div>")
+    else:
+        out.append('<div class="okbox">Every gate holds.</div>')
+    uri, scale = _png_data_uri(result)
+    out += ["<h2>Images</h2>", f'<div class="meta">{_e(PANELS)}; heatmap {_e(scale)}</div>',
+            f'<img src="{uri}" style="image-rendering:pixelated;max-width:100%;min-width:600px" alt="{_e(PANELS)}">',
+            _kv_table({k: _fmt_metric(k, v) if isinstance(v, float) else v for k, v in result.image.items()})]
+    out += ["<h2>rel_l2 per step</h2>", steps_svg(result)]
+    head = "<tr><th>step</th><th>t</th>" + "".join(f"<th>{_e(m)} {_e(k)}</th>" for m in ("free", "tf")
+                                                   for k in ("rel_l2", "cosine", "psnr_db")) + "<th>status</th></tr>"
+    rows = []
+    for r in result.steps:
+        cells = "".join(f'<td class="num">{_e(_fmt_metric(k, r[m][k]))}</td>' for m in (FREE, TEACHER)
+                        for k in ("rel_l2", "cosine", "psnr_db"))
+        rows.append(f'<tr class="{"failrow" if r["failures"] else ""}"><td class="num">{r["step"]}</td>'
+                    f'<td class="num">{r["t"]}</td>{cells}<td>{"FAIL" if r["failures"] else "pass"}</td></tr>')
+    out.append(f'<div class="scroll"><table>{head}{"".join(rows)}</table></div>')
+    for step, res in result.layers.items():
+        out += [f"<h2>UNet layers at step {step} (t={result.steps[step]['t']})</h2>",
+                f"<pre>{_e(summary_text(res.report, worst=10))}</pre>", chart_svg(res.report)]
+    defs = result.to_dict()["definitions"]
+    out += ["<h2>Definitions</h2><dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in defs.items())
+            + "</dl>", "<h2>Text encoders</h2>", _kv_table(result.conditioning),
+            "<h2>Inputs</h2>", _kv_table(result.inputs), "<h2>Notes</h2>", _kv_table(dict(enumerate(result.notes))),
+            "<h2>Versions</h2>", _kv_table(result.versions), "</body></html>"]
+    return "\n".join(out)
+
+
+def write_html(result: Txt2ImgResult, path) -> None:
+    Path(path).write_text(html_page(result), encoding="utf-8")
