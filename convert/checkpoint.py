@@ -23,6 +23,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..models.errors import BadFile, UnsafeFile
@@ -302,8 +303,12 @@ class _ZipReader:
         self._cache = (ref.key, t)
         return t
 
-    def _read_stored(self, info: zipfile.ZipInfo, name: str, want: int) -> bytearray:
-        """An uncompressed entry (what torch.save writes), read straight into one buffer; CRC still checked."""
+    def _read_stored(self, info: zipfile.ZipInfo, name: str, want: int) -> memoryview:
+        """An uncompressed entry (what torch.save writes), memory-mapped copy-on-write; CRC still checked.
+
+        Mapped, not read: a read into fresh memory page-faults every 4 KiB of it (6 s of a 4.3 GB
+        conversion); mapped file pages come from the page cache, many per fault.
+        """
         fp = self.zf.fp
         try:
             fp.seek(info.header_offset)
@@ -311,13 +316,13 @@ class _ZipReader:
             if len(header) != 30 or header[:4] != b"PK\x03\x04":
                 raise BadFile(f"{self.path}: bad local header for storage '{name}'")
             name_len, extra_len = struct.unpack("<HH", header[26:30])
-            fp.seek(info.header_offset + 30 + name_len + extra_len)
-            raw = bytearray(want)
-            got = fp.readinto(raw)
-        except OSError as e:
+            start = info.header_offset + 30 + name_len + extra_len
+            size = os.fstat(fp.fileno()).st_size
+            if start + want > size:
+                raise BadFile(f"{self.path}: storage '{name}' is truncated ({max(size - start, 0)} of {want} bytes)")
+            raw = memoryview(np.memmap(self.path, dtype=np.uint8, mode="c", offset=start, shape=(want,)))
+        except (OSError, ValueError) as e:
             raise BadFile(f"{self.path}: cannot read storage '{name}': {e}") from None
-        if got != want:
-            raise BadFile(f"{self.path}: storage '{name}' is truncated ({got} of {want} bytes)")
         if zlib.crc32(raw) != info.CRC:
             raise BadFile(f"{self.path}: storage '{name}' fails its CRC check (corrupt file)")
         return raw
@@ -389,10 +394,12 @@ class _SafetensorsReader:
         info, start, end = self.entries[key]
         try:
             self.f.seek(self.base + start)
-            raw = bytearray(self.f.read(end - start))
+            buf = torch.empty(end - start, dtype=torch.uint8)  # read straight into it: one pass, no zero-fill
+            raw = memoryview(buf.numpy())
+            got = self.f.readinto(raw)
         except OSError as e:
             raise BadFile(f"{self.path}: cannot read tensor '{key}' ({e.strerror or e})") from None
-        if len(raw) != end - start:
+        if got != end - start:
             raise BadFile(f"{self.path}: tensor '{key}' is truncated")
         if not raw:
             return torch.empty(info.shape, dtype=info.dtype)
