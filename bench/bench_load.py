@@ -6,6 +6,9 @@
 (a sum over each parameter), so lazy memory maps pay their page faults inside the timing. Readers:
   sdport       models.load.load_model(h5)   (memory-mapped datasets; on a CPU the UNet's weights are
                then reordered into oneDNN's layout, models/pack.py, which reads every byte)
+  sdport-unpacked  load_model(h5, packed=False): memory-mapped, UNet conv weights copied channels-last
+  layout-mmap  LayoutReader.state_dict (memory-mapped datasets) + build + load_state_dict(assign): the
+               layout read on its own, done exactly as the safetensors row does it
   safetensors  safetensors.torch.load_file(native weights) + build on meta + load_state_dict(assign)
   h5py-read    every dataset read with ds[()] + build (the naive HDF5 reader)
 The safetensors file holds the same native tensors (written once from the .h5, next to it).
@@ -31,11 +34,15 @@ from sdport.models.layout import LayoutReader
 t0 = time.perf_counter()
 if reader == "sdport":
     m = load_model(h5, comp)
+elif reader == "sdport-unpacked":
+    m = load_model(h5, comp, packed=False)
 else:
     with LayoutReader(h5) as r:
         cfg = r.config(comp)
         if reader == "h5py-read":
             sd = {{k: torch.from_numpy(r.f[comp][k][()]) for k in r.keys(comp)}}
+        elif reader == "layout-mmap":
+            sd = r.state_dict(comp)
     if reader == "safetensors":
         from safetensors.torch import load_file
         sd = load_file(st)
@@ -57,7 +64,7 @@ emit(seconds=seconds, build_s=built, baseline_rss_mib=base, peak_rss_mib=peak,
      peak_above_baseline_mib=peak - base, checksum=sum(v for _, v in sorted(sums.items())))
 '''
 
-READERS = ("sdport", "safetensors", "h5py-read")
+READERS = ("sdport", "sdport-unpacked", "layout-mmap", "safetensors", "h5py-read")
 
 
 def safetensors_copy(h5: str, comp: str) -> str:

@@ -333,17 +333,18 @@ class LayoutReader:
         return group in self.f
 
     def _group(self, group: str) -> h5py.Group:
-        if group not in self.f:
+        g = self.f.get(group)
+        if not isinstance(g, h5py.Group):
             raise LayoutError(f"{self.path}: no '{group}' component (the file holds: {', '.join(self.components()) or 'none'})")
-        return self.f[group]
+        return g
 
     @_reading
     def dataset(self, group: str, key: str) -> h5py.Dataset:
         """The h5py dataset `/group/key` (LayoutError when absent or not a dataset)."""
-        g = self._group(group)
-        if key not in g or not isinstance(g[key], h5py.Dataset):
+        ds = self._group(group).get(key)  # one lookup: a few thousand of these per model load
+        if not isinstance(ds, h5py.Dataset):
             raise LayoutError(f"{self.path}: no dataset '/{group}/{key}'")
-        return g[key]
+        return ds
 
     @_reading
     def group_attrs(self, group: str) -> dict:
@@ -385,7 +386,9 @@ class LayoutReader:
     @_reading
     def raw(self, group: str, key: str) -> np.ndarray:
         """The dataset's stored array: memory-mapped (copy-on-write) when contiguous and unfiltered."""
-        ds = self.dataset(group, key)
+        return self._array(self.dataset(group, key), group, key)
+
+    def _array(self, ds: h5py.Dataset, group: str, key: str) -> np.ndarray:
         if ds.dtype not in _STORED:
             raise LayoutError(f"{self.path}: /{group}/{key} has element type {ds.dtype}, which the sdport layout "
                               f"does not use (little-endian {', '.join(sorted(n for _, n in _DTYPES.values()))})")
@@ -398,7 +401,7 @@ class LayoutReader:
     def tensor(self, group: str, key: str) -> torch.Tensor:
         ds = self.dataset(group, key)
         name = _decode(ds.attrs.get("dtype", str(ds.dtype)))
-        arr = self.raw(group, key)
+        arr = self._array(ds, group, key)
         if arr.ndim == 0:  # 0-d datasets come back as numpy scalars, which torch refuses
             arr = np.array(arr).reshape(())
         t = torch.from_numpy(np.asarray(arr))
