@@ -97,14 +97,34 @@ def _ignored(patterns, rel: str):
     return None
 
 
+# Probe key (relative to the prefix) that says a component is there.
+PROBES = {"unet": "input_blocks.0.0.weight", "text_model": "embeddings.token_embedding.weight",
+          "encoder": "encoder.conv_in.weight", "decoder": "decoder.conv_in.weight"}
+# Where a component's keys sit in a file that holds that component alone: a standalone VAE
+# (`encoder.*`, `decoder.*`, `quant_conv.*` at the root, as the fine-tuned SD VAEs ship), a UNet
+# extracted from a CompVis checkpoint, a transformers CLIPTextModel state dict (`text_model.*`).
+BARE_PREFIX = {"unet": "", "text_model": "text_model.", "encoder": "", "decoder": ""}
+
+
+def _prefix(name: str, compvis: str, infos) -> str:
+    """The CompVis prefix, unless only the standalone layout's probe key is there."""
+    if compvis + PROBES[name] not in infos and BARE_PREFIX[name] + PROBES[name] in infos:
+        return BARE_PREFIX[name]
+    return compvis
+
+
 def _specs(infos):
     """(component, prefix, source format, infer(shapes) -> config, rows(config), ignored patterns)."""
     keys = list(infos)
+    vae_prefix = _prefix("encoder", vae.SOURCE_PREFIX, infos)
+    if vae_prefix == vae.SOURCE_PREFIX:
+        vae_prefix = _prefix("decoder", vae.SOURCE_PREFIX, infos)
     specs = [
-        ("unet", unet.SOURCE_PREFIX, "compvis", unet.infer_config, unet.rows, unet.IGNORED),
-        ("text_model", clip_text.SOURCE_PREFIX, "compvis", clip_text.infer_config, clip_text.rows, clip_text.IGNORED),
-        ("encoder", vae.SOURCE_PREFIX, "compvis", vae.infer_config, vae.encoder_rows, vae.IGNORED),
-        ("decoder", vae.SOURCE_PREFIX, "compvis", vae.infer_config, vae.decoder_rows, vae.IGNORED),
+        ("unet", _prefix("unet", unet.SOURCE_PREFIX, infos), "compvis", unet.infer_config, unet.rows, unet.IGNORED),
+        ("text_model", _prefix("text_model", clip_text.SOURCE_PREFIX, infos), "compvis", clip_text.infer_config,
+         clip_text.rows, clip_text.IGNORED),
+        ("encoder", vae_prefix, "compvis", vae.infer_config, vae.encoder_rows, vae.IGNORED),
+        ("decoder", vae_prefix, "compvis", vae.infer_config, vae.decoder_rows, vae.IGNORED),
     ]
     try:
         source = vit.detect_source(keys)
@@ -118,9 +138,7 @@ def _specs(infos):
 
 
 def _present(name: str, prefix: str, rel: dict) -> bool:
-    probes = {"unet": "input_blocks.0.0.weight", "text_model": "embeddings.token_embedding.weight",
-              "encoder": "encoder.conv_in.weight", "decoder": "decoder.conv_in.weight"}
-    return probes[name] in rel if name in probes else bool(rel)
+    return PROBES[name] in rel if name in PROBES else bool(rel)
 
 
 def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = None) -> Plan:

@@ -244,7 +244,7 @@ def unet_mode(models: Models) -> str:
                       f"expected {u.out_channels} (plain) or {2 * u.out_channels + 1} (inpainting)")
 
 
-def _check_request(models: Models, req: Request, mode: str) -> None:
+def check_request(models: Models, req: Request, mode: str) -> None:
     models.require(mode)
     u, t, d = models.config("unet"), models.config("text_model"), models.config("decoder")
     if t.hidden != u.context_dim:
@@ -329,7 +329,7 @@ def decode(models: Models, latent: torch.Tensor) -> torch.Tensor:
         return dec(z.to(models.dtype)).float().cpu()
 
 
-def _unet_fn(unet: torch.nn.Module, concat: Optional[torch.Tensor] = None):
+def unet_fn(unet: torch.nn.Module, concat: Optional[torch.Tensor] = None):
     """unet(x, t, context) -> float32 eps; with `concat` [1, Cc, h, w], x is [x, concat] along channels."""
     if concat is None:
         return lambda x, t, c: unet(x, t, c).float()
@@ -359,14 +359,14 @@ def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
 @torch.no_grad()
 def txt2img(models: Models, req: Request, x_T: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
     """CompVis' txt2img: the latent [1, 4, H/f, W/f] after each PLMS/DDIM step. x_T overrides the seed's."""
-    _check_request(models, req, "txt2img")
+    check_request(models, req, "txt2img")
     h, w = check_size(models, req.height, req.width, "--")
     gen = torch.Generator().manual_seed(req.seed)
     if x_T is None:
         x_T = _noise((1, models.config("unet").out_channels, h, w), gen, models.device)
     cond, uncond = conditioning(models, req)
     with models.use("unet") as unet:
-        denoiser = cfg_denoiser(_unet_fn(unet), cond, uncond, req.scale)
+        denoiser = cfg_denoiser(unet_fn(unet), cond, uncond, req.scale)
         yield from _sample(req, denoiser, x_T.to(models.device, torch.float32), models.schedule, gen)
 
 
@@ -374,13 +374,13 @@ def txt2img(models: Models, req: Request, x_T: Optional[torch.Tensor] = None) ->
 def img2img(models: Models, req: Request, init: torch.Tensor) -> Iterator[torch.Tensor]:
     """ldm's img2img (SDEdit with DDIM): encode `init` [1, 3, H, W] in [-1, 1], noise it to
     int(strength * steps), denoise from there. Yields int(strength * steps) latents."""
-    _check_request(models, req, "img2img")
+    check_request(models, req, "img2img")
     check_size(models, init.shape[-2], init.shape[-1], "init image ")
     gen = torch.Generator().manual_seed(req.seed)
     cond, uncond = conditioning(models, req)
     x0 = encode_image(models, init, gen)
     with models.use("unet") as unet:
-        denoiser = cfg_denoiser(_unet_fn(unet), cond, uncond, req.scale)
+        denoiser = cfg_denoiser(unet_fn(unet), cond, uncond, req.scale)
         yield from sample_img2img(denoiser, x0, models.schedule, req.steps, req.strength, eta=req.eta,
                                   generator=gen)
 
@@ -406,7 +406,7 @@ def inpaint(models: Models, req: Request, init: torch.Tensor, repaint: torch.Ten
     was trained (ldm's hybrid conditioning, mask resized to the latent by nearest neighbour, masked
     image = init where mask < 0.5, else 0); the prompt may be empty.
     """
-    _check_request(models, req, "inpaint")
+    check_request(models, req, "inpaint")
     h, w = check_size(models, init.shape[-2], init.shape[-1], "init image ")
     if tuple(repaint.shape[-2:]) != tuple(init.shape[-2:]):
         raise SdportError(f"mask is {repaint.shape[-1]}x{repaint.shape[-2]}, the init image "
@@ -425,7 +425,7 @@ def inpaint(models: Models, req: Request, init: torch.Tensor, repaint: torch.Ten
         x_T = _noise((1, channels, h, w), gen, models.device) if x_T is None else x_T.to(models.device)
         n = total_steps(req)
         with models.use("unet") as unet:
-            denoiser = cfg_denoiser(_unet_fn(unet), cond, uncond, req.scale)
+            denoiser = cfg_denoiser(unet_fn(unet), cond, uncond, req.scale)
             for i, x in enumerate(_sample(req, denoiser, x_T, models.schedule, gen, mask=keep, x0=x0)):
                 # ldm re-imposes the known region before each step only; after the last one, once more
                 yield keep * x0 + (1.0 - keep) * x if i == n - 1 else x
@@ -435,7 +435,7 @@ def inpaint(models: Models, req: Request, init: torch.Tensor, repaint: torch.Ten
     concat = torch.cat([F.interpolate(mask, size=(h, w)).to(models.device), masked_latent], dim=1)  # [1, 5, h, w]
     x_T = _noise((1, channels, h, w), gen, models.device) if x_T is None else x_T.to(models.device)
     with models.use("unet") as unet:
-        denoiser = cfg_denoiser(_unet_fn(unet, concat), cond, uncond, req.scale)
+        denoiser = cfg_denoiser(unet_fn(unet, concat), cond, uncond, req.scale)
         yield from _sample(req, denoiser, x_T, models.schedule, gen)
 
 

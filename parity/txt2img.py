@@ -441,7 +441,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         height, width = height or side, width or side
         req = P.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
                         eta=eta, height=height, width=width)
-        P._check_request(models, req, "txt2img")  # the native pipeline's own checks, before any work
+        P.check_request(models, req, "txt2img")  # the native pipeline's own checks, before any work
         h, w = P.check_size(models, height, width, "--")
         n = P.total_steps(req)
         chosen = _layer_steps(layer_steps, n)
@@ -469,7 +469,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
 
         records = []
         with models.use("unet") as unet:
-            denoiser = cfg_denoiser(P._unet_fn(unet), ref_c.to(dev), None if ref_uc is None else ref_uc.to(dev), scale)
+            denoiser = cfg_denoiser(P.unet_fn(unet), ref_c.to(dev), None if ref_uc is None else ref_uc.to(dev), scale)
             for i in range(n):
                 x, dev_start = teacher_forced_step(i, sampler, denoiser, models.schedule, steps, eta, x_T, run, dev)
                 tf = {**compare(x, run.latents[i]), "start_max_abs": dev_start}
