@@ -416,7 +416,6 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
         ref, _, _ = load_reference(component, checkpoint,
                                    num_heads=getattr(ncfg, "num_heads", None) if component == "unet" else None)
         ref = ref.to(dev)
-        specs, not_compared = layer_map(component, ncfg, fmt)
         encode = text_encoder_fn(h5, dev) if component == "unet" and prompt is not None else None
         cpu_inputs, desc = draw_inputs(component, ncfg, seed=seed, batch=batch, size=size, prompt=prompt,
                                        encode_text=encode)
@@ -424,40 +423,53 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
         desc.update(checkpoint=os.path.basename(checkpoint), h5=os.path.basename(h5), source_format=fmt,
                     reference_dtype="fp32", native_dtype=dtype)
 
-        order, names, kinds, shapes = [], {}, {}, {}
-        acc, iso = {}, {}
-        mods = modules_by_name(native, [s.native for s in specs], "native")
-        spill = golden.ActivationWriter(os.path.join(work, "reference.act.h5"), summaries=False) if ACCUMULATED in modes else None
+        return compare_layers(component, ref, native, ncfg, fmt, inputs, ndtype, dtype, dev, tol, desc, work, modes)
 
-        def on_layer(spec, y, args, kwargs):
-            order.append(spec.native)
-            names[spec.native], kinds[spec.native] = spec.reference_name, spec.kind
-            shapes[spec.native] = tuple(y.shape)
-            if spill is not None:
-                spill.add(spec.native, spec.reference_name, spec.kind, y)
-            if ISOLATED in modes:
-                out = mods[spec.native](*cast_floats(native_args(component, spec, args, kwargs), ndtype))
-                iso[spec.native] = _safe_compare(first_tensor(out), y)
 
-        try:
-            unpaired = reference_pass(component, ref, specs, inputs, fmt, on_layer)
-        finally:
-            if spill is not None:
-                spill.close()
-        del ref
-        if ACCUMULATED in modes:
-            with golden.ActivationReader(spill.path) as dump:
-                def on_native(name, out):
-                    e = dump.by_name.get(name)
-                    if e is not None:
-                        acc[name] = _safe_compare(out, dump.full(e))
-                fired = native_pass(component, native, order, inputs, ndtype, on_native)
-            for n in order:
-                if n not in fired:
-                    unpaired[n] = ("native module is not called as a module: no accumulated metrics"
-                                   + (" (isolated: re-run on the reference's input)" if n in iso else ""))
-        report = Report(component, modes, dtype, device_name(dev), tol, desc,
-                        collect_versions(), _layer_records(order, names, kinds, shapes, acc, iso, tol))
+def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs: dict, ndtype: torch.dtype,
+                   dtype: str, dev, tol: Tolerance, desc: dict, work: str, modes=MODES) -> ParityResult:
+    """The per-layer comparison of two loaded models on the given (device-side) inputs: one reference
+    pass that records each layer (and re-runs the native layer on its input, for isolated mode), then
+    one native pass against the recorded activations, spilled to a temporary dump in `work`."""
+    specs, not_compared = layer_map(component, ncfg, source_format)
+    order, names, kinds, shapes = [], {}, {}, {}
+    acc, iso = {}, {}
+    mods = modules_by_name(native, [s.native for s in specs], "native")
+    spill = None
+    if ACCUMULATED in modes:
+        fd, path = tempfile.mkstemp(suffix=".act.h5", dir=work)  # unique: a caller may compare several times
+        os.close(fd)
+        spill = golden.ActivationWriter(path, summaries=False)
+
+    def on_layer(spec, y, args, kwargs):
+        order.append(spec.native)
+        names[spec.native], kinds[spec.native] = spec.reference_name, spec.kind
+        shapes[spec.native] = tuple(y.shape)
+        if spill is not None:
+            spill.add(spec.native, spec.reference_name, spec.kind, y)
+        if ISOLATED in modes:
+            out = mods[spec.native](*cast_floats(native_args(component, spec, args, kwargs), ndtype))
+            iso[spec.native] = _safe_compare(first_tensor(out), y)
+
+    try:
+        unpaired = reference_pass(component, ref, specs, inputs, source_format, on_layer)
+    finally:
+        if spill is not None:
+            spill.close()
+    if spill is not None:
+        with golden.ActivationReader(spill.path) as dump:
+            def on_native(name, out):
+                e = dump.by_name.get(name)
+                if e is not None:
+                    acc[name] = _safe_compare(out, dump.full(e))
+            fired = native_pass(component, native, order, inputs, ndtype, on_native)
+        os.remove(spill.path)
+        for n in order:
+            if n not in fired:
+                unpaired[n] = ("native module is not called as a module: no accumulated metrics"
+                               + (" (isolated: re-run on the reference's input)" if n in iso else ""))
+    report = Report(component, tuple(modes), dtype, device_name(dev), tol, desc,
+                    collect_versions(), _layer_records(order, names, kinds, shapes, acc, iso, tol))
     return ParityResult(report, unpaired, not_compared)
 
 

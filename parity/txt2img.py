@@ -33,14 +33,10 @@ from ..models import pipeline as P
 from ..models.errors import SdportError
 from ..models.samplers import cfg_denoiser, sample_ddim, sample_plms
 from ..models.tokenizer import default_tokenizer
-from . import golden
-from .capture import modules_by_name
-from .harness import (ParityError, ParityResult, _layer_records, _safe_compare, cast_floats, default_size,
-                      deterministic, device_name, dtype_of, ensure_h5, load_reference, native_pass,
-                      reference_pass, resolve_device)
-from .layers import first_tensor, layer_map, native_args
+from .harness import (ParityError, ParityResult, compare_layers, default_size, deterministic, device_name,
+                      dtype_of, ensure_h5, load_reference, resolve_device, to_device)
 from .metrics import IMAGE_PSNR_DB, Tolerance, check, compare, default_tolerance, dtype_key
-from .report import ACCUMULATED, ISOLATED, MODES, Report, _worst_key, collect_versions
+from .report import _worst_key, collect_versions
 
 FORMAT = "sdport.parity.txt2img"
 FORMAT_VERSION = 1
@@ -295,49 +291,6 @@ def teacher_forced_step(i: int, sampler: str, denoiser, schedule, steps: int, et
 
 
 @torch.no_grad()
-def unet_layers(ref_unet, native_unet, ncfg, source_format: str, inputs: dict, ndtype: torch.dtype, dev,
-                dtype: str, tol: Tolerance, work: str, desc: dict, modes=MODES) -> ParityResult:
-    """`sdport parity unet` (both modes) on given inputs {"x", "t", "context"}, with both models loaded."""
-    specs, not_compared = layer_map("unet", ncfg, source_format)
-    inputs = {k: v.to(dev) for k, v in inputs.items()}
-    order, names, kinds, shapes, acc, iso = [], {}, {}, {}, {}, {}
-    mods = modules_by_name(native_unet, [s.native for s in specs], "native")
-    spill = None
-    if ACCUMULATED in modes:
-        fd, path = tempfile.mkstemp(suffix=".act.h5", dir=work)
-        os.close(fd)
-        spill = golden.ActivationWriter(path, summaries=False)
-
-    def on_layer(spec, y, args, kwargs):
-        order.append(spec.native)
-        names[spec.native], kinds[spec.native], shapes[spec.native] = spec.reference_name, spec.kind, tuple(y.shape)
-        if spill is not None:
-            spill.add(spec.native, spec.reference_name, spec.kind, y)
-        if ISOLATED in modes:
-            out = mods[spec.native](*cast_floats(native_args("unet", spec, args, kwargs), ndtype))
-            iso[spec.native] = _safe_compare(first_tensor(out), y)
-
-    try:
-        unpaired = reference_pass("unet", ref_unet, specs, inputs, source_format, on_layer)
-    finally:
-        if spill is not None:
-            spill.close()
-    if spill is not None:
-        with golden.ActivationReader(spill.path) as dump:
-            def on_native(name, out):
-                e = dump.by_name.get(name)
-                if e is not None:
-                    acc[name] = _safe_compare(out, dump.full(e))
-            fired = native_pass("unet", native_unet, order, inputs, ndtype, on_native)
-        os.remove(spill.path)
-        for n in order:
-            if n not in fired:
-                unpaired[n] = "native module is not called as a module: no accumulated metrics"
-    report = Report("unet", tuple(modes), dtype, device_name(dev), tol, desc, collect_versions(),
-                    _layer_records(order, names, kinds, shapes, acc, iso, tol))
-    return ParityResult(report, unpaired, not_compared)
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +445,8 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                                   "it batched them (uncond half first)" + ("" if ref_uc is not None else
                                                                           " (scale 1: one half)"),
                         "shapes": {k: list(v.shape) for k, v in inp.items()}}
-                layers[s] = unet_layers(ref.unet, unet, ucfg, fmt, inp, ndtype, dev, dtype, layer_tol, work, desc)
+                layers[s] = compare_layers("unet", ref.unet, unet, ucfg, fmt, to_device(inp, dev), ndtype, dtype,
+                                           dev, layer_tol, desc, work)
 
         inputs = {"checkpoint": os.path.basename(checkpoint), "h5": os.path.basename(h5), "prompt": prompt,
                   "negative": negative, "seed": seed,
