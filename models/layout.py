@@ -14,7 +14,7 @@ import json
 import os
 import re
 import stat
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -95,7 +95,7 @@ class LayoutWriter:
         self.compression = compression
         self._pool, self._fd = None, None
         self._pending, self._in_flight = collections.deque(), 0
-        self._digests: list[tuple[str, str]] = []
+        self._digests: list[tuple[str, str | Future]] = []  # dataset name -> sha256, in creation order
         if not os.path.basename(self.path):
             raise SdportError(f"output path {self.path!r} names no file")
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -143,8 +143,7 @@ class LayoutWriter:
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # the offset exists before any data is written
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every byte is ours: no fill pass first
             ds = grp.create_dataset(key, shape=arr.shape, dtype=arr.dtype, dcpl=dcpl)
-            offset = ds.id.get_offset()
-            self._start(ds, arr, offset)
+            self._digests.append((ds.name, self._start(arr, ds.id.get_offset())))
         else:
             kw = {"compression": self.compression} if self.compression and arr.size > 1 else {}
             ds = grp.create_dataset(key, data=arr, **kw)
@@ -156,13 +155,15 @@ class LayoutWriter:
             ds.attrs[k] = v if isinstance(v, (str, int, float)) else _json_attr(v)
         self._finish(block=False)
 
-    def _start(self, ds, arr: np.ndarray, offset: int) -> None:
+    def _start(self, arr: np.ndarray, offset: int) -> Future:
+        """Hash and write `arr` in the pool; returns the digest's future."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2)
             self._fd = os.open(self.partial, os.O_WRONLY)
-        self._pending.append((ds, self._pool.submit(sha256, arr), self._pool.submit(self._pwrite, arr, offset),
-                              arr.nbytes))
+        digest = self._pool.submit(sha256, arr)
+        self._pending.append((digest, self._pool.submit(self._pwrite, arr, offset), arr.nbytes))
         self._in_flight += arr.nbytes
+        return digest
 
     def _pwrite(self, arr: np.ndarray, offset: int) -> None:
         view = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
@@ -174,13 +175,14 @@ class LayoutWriter:
             raise OSError(e.errno, e.strerror, self.partial) from None
 
     def _finish(self, block: bool) -> None:
-        """Collect the digests of the finished writes; wait while too many bytes are in flight (or all, with block)."""
+        """Retire finished writes (raising their errors); wait while too many bytes are in flight (or for
+        all of them, with block)."""
         while self._pending:
-            ds, digest, written, nbytes = self._pending[0]
+            digest, written, nbytes = self._pending[0]
             if not (block or self._in_flight > self.IN_FLIGHT_BYTES or (digest.done() and written.done())):
                 return
             written.result()
-            self._digests.append((ds.name, digest.result()))
+            digest.result()
             self._pending.popleft()
             self._in_flight -= nbytes
 
@@ -190,7 +192,7 @@ class LayoutWriter:
         self._stop_pool()
         # In creation order, whatever order the threads finished in: the file's layout is reproducible.
         for name, digest in self._digests:
-            self.f[name].attrs["sha256"] = digest
+            self.f[name].attrs["sha256"] = digest if isinstance(digest, str) else digest.result()
         self.f.flush()
         self.f.close()
         with open(self.partial, "rb+") as fh:
