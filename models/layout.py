@@ -11,6 +11,8 @@ import datetime
 import functools
 import hashlib
 import json
+import math
+import mmap
 import os
 import re
 import stat
@@ -45,7 +47,7 @@ _STORED = {np.dtype(np_dt) for np_dt, _ in _DTYPES.values()}  # native byte orde
 
 # What h5py raises when a file's metadata is damaged, depending on which structure broke: OSError
 # ("ran off end of input buffer"), RuntimeError ("incorrect metadata checksum"), KeyError ("bad object
-# header version number"), ValueError (a dataset offset past the end of the file, from np.memmap).
+# header version number"), ValueError (a dataset offset past the end of the file, from mmap).
 _H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
 
 
@@ -310,6 +312,8 @@ class LayoutReader:
                               f"{LAYOUT_VERSION} (upgrade sdport)" if version > LAYOUT_VERSION else
                               f"{self.path}: invalid layout version {version}")
         self.version = version
+        self._groups: dict = {}
+        self._datasets: dict = {}
 
     @contextlib.contextmanager
     def guard(self, what: str):
@@ -335,7 +339,9 @@ class LayoutReader:
         return group in self.f
 
     def _group(self, group: str) -> h5py.Group:
-        g = self.f.get(group)
+        g = self._groups.get(group)  # cached: a model load asks for its group once per dataset
+        if g is None:
+            g = self._groups[group] = self.f.get(group)
         if not isinstance(g, h5py.Group):
             raise LayoutError(f"{self.path}: no '{group}' component (the file holds: {', '.join(self.components()) or 'none'})")
         return g
@@ -343,7 +349,13 @@ class LayoutReader:
     @_reading
     def dataset(self, group: str, key: str) -> h5py.Dataset:
         """The h5py dataset `/group/key` (LayoutError when absent or not a dataset)."""
-        ds = self._group(group).get(key)  # one lookup: a few thousand of these per model load
+        ds = self._datasets.get((group, key))  # cached: a model load asks for each dataset twice
+        if ds is None:
+            try:  # the low-level open: 14 us, against 35-45 for Group.get (638 of them per UNet)
+                oid = h5py.h5o.open(self._group(group).id, key.encode())
+            except KeyError:
+                oid = None
+            ds = self._datasets[(group, key)] = h5py.Dataset(oid) if isinstance(oid, h5py.h5d.DatasetID) else key
         if not isinstance(ds, h5py.Dataset):
             raise LayoutError(f"{self.path}: no dataset '/{group}/{key}'")
         return ds
@@ -374,12 +386,11 @@ class LayoutReader:
     @_reading
     def quantized(self, group: str) -> dict[str, dict]:
         """{weight key: its `quantization` attribute} for the int8-quantized datasets of `group`."""
-        g = self._group(group)
         out = {}
-        for key in g:
-            q = g[key].attrs.get("quantization")
-            if q is not None:
-                q = _decode(q)
+        for key in self._group(group):
+            ds = self.dataset(group, key)
+            if h5py.h5a.exists(ds.id, b"quantization"):  # 3 us, against 17 for attrs.get
+                q = _decode(ds.attrs["quantization"])
                 if not isinstance(q, dict):
                     raise LayoutError(f"{self.path}: /{group}/{key} has a quantization attribute that is not a JSON object")
                 out[key] = q
@@ -391,19 +402,37 @@ class LayoutReader:
         return self._array(self.dataset(group, key), group, key)
 
     def _array(self, ds: h5py.Dataset, group: str, key: str) -> np.ndarray:
-        if ds.dtype not in _STORED:
-            raise LayoutError(f"{self.path}: /{group}/{key} has element type {ds.dtype}, which the sdport layout "
+        # h5py's low-level calls: its high-level properties cost 10-15 us each, times 638 datasets.
+        dtype = ds.id.dtype
+        if dtype not in _STORED:
+            raise LayoutError(f"{self.path}: /{group}/{key} has element type {dtype}, which the sdport layout "
                               f"does not use (little-endian {', '.join(sorted(n for _, n in _DTYPES.values()))})")
-        offset = ds.id.get_offset()
-        if offset is not None and ds.chunks is None and ds.compression is None and ds.size > 0:
-            return np.memmap(self.path, dtype=ds.dtype, mode="c", offset=offset, shape=ds.shape)
+        offset, shape = ds.id.get_offset(), ds.shape
+        dcpl = ds.id.get_create_plist()
+        if (offset is not None and dcpl.get_layout() == h5py.h5d.CONTIGUOUS and dcpl.get_nfilters() == 0
+                and math.prod(shape) > 0):
+            return self._map(offset, dtype, shape)
         return np.asarray(ds[()])
+
+    def _map(self, offset: int, dtype: np.dtype, shape: tuple) -> np.ndarray:
+        """A copy-on-write memory map of one contiguous dataset, through HDF5's own file descriptor
+        (the file that was opened and checked, even if its path now names another).
+
+        One map per dataset, so each is unmapped as soon as its tensor is gone (a packed or cast
+        weight frees its plain pages). ValueError when the data would run past the end of the file.
+        """
+        count = math.prod(shape)
+        skip = offset % mmap.ALLOCATIONGRANULARITY  # a map starts on a page boundary
+        mm = mmap.mmap(self.f.id.get_vfd_handle(), skip + count * dtype.itemsize, access=mmap.ACCESS_COPY,
+                       offset=offset - skip)
+        return np.frombuffer(mm, dtype=dtype, count=count, offset=skip).reshape(shape)
 
     @_reading
     def tensor(self, group: str, key: str) -> torch.Tensor:
         ds = self.dataset(group, key)
-        name = _decode(ds.attrs.get("dtype", str(ds.dtype)))
         arr = self._array(ds, group, key)
+        # Only uint16 storage is ambiguous (bfloat16 bits); every other type is its own name.
+        name = _decode(ds.attrs.get("dtype", "uint16")) if arr.dtype == np.uint16 else None
         if arr.ndim == 0:  # 0-d datasets come back as numpy scalars, which torch refuses
             arr = np.array(arr).reshape(())
         t = torch.from_numpy(np.asarray(arr))

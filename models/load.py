@@ -61,8 +61,8 @@ def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtyp
                packed: bool | None = None):
     """Load one component from an sdport .h5 file; weights are memory-mapped until cast, moved or packed.
 
-    `packed` (default: on a CPU, for the components in PACKED) reorders the weights once into oneDNN's
-    layout (models/pack.py); such a model runs on the CPU only.
+    `packed` (default: on a CPU, for the components in PACKED) reorders the weights into oneDNN's layout
+    (models/pack.py), each on its module's first call; such a model runs on the CPU only.
     """
     reader = source if isinstance(source, LayoutReader) else LayoutReader(source)
     cfg_cls = MODELS[component][0]
@@ -95,7 +95,7 @@ def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtyp
     if packed is None:
         packed = component in PACKED and torch.device(device).type == "cpu"
     if packed:
-        pack.pack(model)
+        pack.pack(model, lazy=True)
     if component in CHANNELS_LAST and str(device) != "meta":
         # Its activations run channels-last; NCHW conv weights would be reordered on every call
         # (full UNet, batch 2, 64x64, CPU: 10.9 s -> 9.8 s, bench/README.md).

@@ -4,9 +4,14 @@ oneDNN runs a convolution or a GEMM on weights in a blocked layout (e.g. OIhw16i
 plain layout an `nn.Conv2d` / `nn.Linear` holds, so every eager call first reorders the whole weight.
 For the UNet's 8x8 and 16x16 levels, whose 1280- and 2560-channel 3x3 weights are 59-118 MB each, that
 reorder costs about as much as the convolution itself (2560->1280 at 8x8: 94 GFLOP/s plain against
-247 GFLOP/s pre-packed; bench/README.md). `pack(model)` does the reorder once, at load time, and frees
-the plain weight: memory stays the same, the arithmetic is oneDNN's either way (convolutions give the
-same bits, GEMMs agree to ~2e-7 relative).
+247 GFLOP/s pre-packed; bench/README.md). A packed module does the reorder once and frees the plain
+weight: memory stays the same, the arithmetic is oneDNN's either way (convolutions give the same bits,
+GEMMs agree to ~2e-7 relative).
+
+`pack(model, lazy=True)` (what `load_model` does) defers each reorder to the module's first call: a
+plain call reorders its weight anyway, so the first forward costs about what an unpacked one does,
+and loading stays a memory map (full UNet ready to run in about the time safetensors takes;
+bench/README.md). `lazy=False` reorders everything at once.
 
 Packed modules run on CPU tensors only. Their state dict still has the plain `weight`
 (`_save_to_state_dict` unpacks), so saving and inspecting a packed model works; moving one to another
@@ -31,71 +36,86 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-def _check_cpu(x: torch.Tensor, name: str) -> None:
-    if x.device.type != "cpu":
-        raise RuntimeError(f"{name} holds CPU-packed weights; load the model again for device {x.device}")
+class _Packed(nn.Module):
+    """Holds the plain weight until the first call (or `pack_now`), then only the oneDNN-layout copy."""
 
-
-class PackedConv2d(nn.Module):
-    """An `nn.Conv2d` (groups 1) whose weight lives in oneDNN's layout."""
-
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, plain: torch.Tensor, bias: torch.Tensor | None, lazy: bool):
         super().__init__()
-        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride = conv.kernel_size, list(conv.stride)
-        self.padding, self.dilation = list(conv.padding), list(conv.dilation)
-        hint = [2, conv.in_channels, _CONV_HINT_SIDE, _CONV_HINT_SIDE]
-        w = conv.weight.detach().contiguous()  # oneDNN reads the plain OIHW layout
-        self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-            w.to_mkldnn(), self.padding, self.stride, self.dilation, 1, hint)
-        self.bias = conv.bias
+        self._plain: torch.Tensor | None = plain.detach()  # not a parameter: it goes away once packed
+        self._packed: torch.Tensor | None = None
+        self.bias = bias
+        if not lazy:
+            self.pack_now()
+
+    def _reorder(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pack_now(self) -> torch.Tensor:
+        if self._packed is None:
+            self._packed = self._reorder(self._plain.contiguous())  # oneDNN reads the plain layout
+            self._plain = None  # frees it (or unmaps it) unless someone else holds it
+        return self._packed
+
+    @property
+    def is_packed(self) -> bool:
+        return self._packed is not None
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._packed.to_dense()  # [out, in, kh, kw], a fresh copy
+        """The plain-layout weight: before packing the held tensor, after it a fresh copy."""
+        return self._plain if self._packed is None else self._packed.to_dense()
 
     @property
     def packed_weight(self) -> torch.Tensor:
-        return self._packed
+        """The tensor the module holds: the packed weight, or the plain one not yet packed."""
+        return self._plain if self._packed is None else self._packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_cpu(x, "PackedConv2d")
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self._packed, self.bias, self.padding, self.stride, self.dilation, 1, "none", [], "")
+    def _ready(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{type(self).__name__} holds CPU-packed weights; load the model again "
+                               f"for device {x.device}")
+        return self.pack_now()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+
+class PackedConv2d(_Packed):
+    """An `nn.Conv2d` (groups 1) whose weight lives in oneDNN's layout."""
+
+    def __init__(self, conv: nn.Conv2d, *, lazy: bool = False):
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, list(conv.stride)
+        self.padding, self.dilation = list(conv.padding), list(conv.dilation)
+        super().__init__(conv.weight, conv.bias, lazy)
+
+    def _reorder(self, w: torch.Tensor) -> torch.Tensor:
+        hint = [2, self.in_channels, _CONV_HINT_SIDE, _CONV_HINT_SIDE]
+        return torch.ops.mkldnn._reorder_convolution_weight(w, self.padding, self.stride, self.dilation, 1, hint)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self._ready(x)
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, w, self.bias, self.padding, self.stride, self.dilation, 1, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(_Packed):
     """An `nn.Linear` whose weight lives in oneDNN's layout."""
 
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
+    def __init__(self, linear: nn.Linear, *, lazy: bool = False):
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(),
-                                                               _LINEAR_HINT_ROWS)
-        self.bias = linear.bias
+        super().__init__(linear.weight, linear.bias, lazy)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self._packed.to_dense()  # [out, in], a fresh copy
-
-    @property
-    def packed_weight(self) -> torch.Tensor:
-        return self._packed
+    def _reorder(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(w, _LINEAR_HINT_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_cpu(x, "PackedLinear")
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = self._ready(x)
+        return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -114,25 +134,34 @@ def _packable(m: nn.Module) -> bool:
     return ok and w.device.type == "cpu" and w.dtype in DTYPES
 
 
-def pack(model: nn.Module) -> int:
+def pack(model: nn.Module, *, lazy: bool = False) -> int:
     """Replace, in place, every packable Conv2d / Linear of `model` by its packed twin; returns the count.
 
     Each plain weight is released as soon as its packed copy exists (if nothing else holds it), so the
-    peak stays about one layer above the model's size.
+    peak stays about one layer above the model's size. With `lazy`, each module packs on its first call.
     """
     if not available():
         return 0
-    return _pack_children(model)
+    return _pack_children(model, lazy)
 
 
-def _pack_children(parent: nn.Module) -> int:
+def pack_all(model: nn.Module) -> int:
+    """Pack now every lazily packed module of `model` not yet packed; returns how many were."""
+    todo = [m for m in model.modules() if isinstance(m, _Packed) and not m.is_packed]
+    for m in todo:
+        m.pack_now()
+    return len(todo)
+
+
+def _pack_children(parent: nn.Module, lazy: bool) -> int:
     count = 0
     # Names, not module objects: a list of the children would keep every replaced weight alive.
     for name in [n for n, _ in parent.named_children()]:
         child = getattr(parent, name)
         if _packable(child):
-            setattr(parent, name, PackedConv2d(child) if isinstance(child, nn.Conv2d) else PackedLinear(child))
+            twin = PackedConv2d if isinstance(child, nn.Conv2d) else PackedLinear
+            setattr(parent, name, twin(child, lazy=lazy))
             count += 1
         else:
-            count += _pack_children(child)
+            count += _pack_children(child, lazy)
     return count

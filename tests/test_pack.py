@@ -87,3 +87,37 @@ def test_packed_module_refuses_other_devices():
     pack.pack(model)
     with pytest.raises(RuntimeError, match="CPU-packed"):
         model(torch.empty(2, 32, device="meta"))
+
+
+def _packed_modules(model):
+    return [m for m in model.modules() if isinstance(m, (pack.PackedConv2d, pack.PackedLinear))]
+
+
+def test_load_packs_on_first_call_with_the_same_result(converted):
+    h5 = converted["lightning"]
+    lazy = load_model(h5, "unet")
+    eager = load_model(h5, "unet")
+    assert pack.pack_all(eager) == len(_packed_modules(eager)) > 0
+    assert not any(m.is_packed for m in _packed_modules(lazy))  # loading only maps the file
+    sd_before = lazy.state_dict()
+    with torch.inference_mode():
+        a, b = lazy(*_inputs(lazy.config)), eager(*_inputs(eager.config))
+    assert all(m.is_packed for m in _packed_modules(lazy))
+    assert torch.equal(a, b)  # the same packed weights, whenever they were packed
+    sd_after = lazy.state_dict()
+    assert list(sd_after) == list(sd_before)
+    for k in sd_before:
+        assert torch.equal(sd_after[k], sd_before[k]), k
+    assert pack.pack_all(lazy) == 0
+
+
+def test_lazy_packing_releases_each_plain_weight_on_first_call():
+    model = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 8))
+    assert pack.pack(model, lazy=True) == 2
+    refs = [weakref.ref(m.packed_weight) for m in model]  # before the first call: the plain weights
+    gc.collect()
+    assert all(r() is not None and not r().is_mkldnn for r in refs)
+    with torch.inference_mode():
+        model(torch.randn(3, 32))
+    gc.collect()
+    assert all(r() is None for r in refs)
