@@ -48,12 +48,14 @@ def ru_maxrss_mib():
 
 UNET_CHILD = PROC + r'''
 import time, torch
+from sdport.models import pack
 from sdport.models.load import load_model
 from sdport.models.layout import LayoutReader
 h5, dtype, chunk, batch, latent, ref = {h5!r}, {dtype!r}, {chunk!r}, {batch!r}, {latent!r}, {ref!r}
 base = status()
 t0 = time.perf_counter()
 m = load_model(h5, "unet", dtype=dtype)
+pack.pack_all(m)  # "after load" holds every weight in the layout the forward uses
 load_s = time.perf_counter() - t0
 m.set_attention_chunk(chunk)
 cfg = m.config
