@@ -1,8 +1,10 @@
 """checkpoint -> sdport HDF5 layout, and the inverse export back to the source key names."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import os
 import re
 import shutil
@@ -56,6 +58,23 @@ def _return_freed_memory_to_the_os() -> None:
         pass
 
 
+@contextlib.contextmanager
+def _cpu_for_the_hashes():
+    """A conversion's CPU goes to hashing, CRCs and copies in other threads (bench/README.md). Two
+    things took it from them (perf, full checkpoint on 2 cores): torch's OpenMP workers spinning
+    between the main thread's small ops (min/max, concatenations), 17 % of the samples, and Python's
+    cyclic GC re-walking the objects the imports created, 5 %. One torch thread does those ops at
+    memory speed; frozen objects are skipped by the GC."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads)
+
+
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     # Only floating-point parameters change dtype; integer buffers keep theirs.
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
@@ -105,7 +124,8 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
         _return_freed_memory_to_the_os()
         hasher = ThreadPoolExecutor(max_workers=1)
         source_sha256 = hasher.submit(file_sha256, src)  # hashlib releases the GIL: overlaps the writes
-        with hasher, LayoutWriter(out, force=force, attrs=attrs, compression=compression) as w:
+        with _cpu_for_the_hashes(), hasher, LayoutWriter(out, force=force, attrs=attrs,
+                                                          compression=compression) as w:
             for name, cp in p.components.items():
                 w.group(name, config=cp.config_dict,
                         attrs={"source_prefix": cp.prefix, "source_format": cp.source_format})

@@ -72,9 +72,10 @@ def sha256(a: np.ndarray) -> str:
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     """sha256 of a whole file, read in 4 MiB blocks (the provenance hash of sources and outputs)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    buf = memoryview(bytearray(chunk))  # one buffer: a fresh one per block page-faults every 4 KiB of it
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(buf[:n])
     return h.hexdigest()
 
 
