@@ -468,6 +468,14 @@ def _decode(v):
     return v
 
 
+def _digest_mismatch(want, got: str) -> str:
+    """Which of the two is wrong: the data (a valid stored digest) or the stored attribute itself."""
+    if not (isinstance(want, str) and re.fullmatch(r"[0-9a-f]{64}", want)):
+        return f"sha256 attribute is not a sha256 hex digest ({ascii(want)[:80]}); the data hashes to {got}"
+    # Both in full: a damaged attribute can share its first characters with the right digest.
+    return f"sha256 mismatch (stored {want}, computed {got})"
+
+
 def verify(path: str) -> list[str]:
     """Recompute every dataset's sha256; returns problems as one-line messages (empty when intact)."""
     problems = []
@@ -493,5 +501,5 @@ def verify(path: str) -> list[str]:
                     problems.append(f"/{gname}/{key}: unreadable ({_one_line(e, 100)})")
                     continue
                 if got != want:
-                    problems.append(f"/{gname}/{key}: sha256 mismatch (stored {want[:12]}…, computed {got[:12]}…)")
+                    problems.append(f"/{gname}/{key}: {_digest_mismatch(want, got)}")
     return problems

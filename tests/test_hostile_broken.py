@@ -259,6 +259,29 @@ def test_sha256_attribute_missing_is_a_verify_failure(base, tmp_path):
     assert r.exit_code == 1 and "/decoder/conv_out.bias: no sha256 attribute" in r.stderr.splitlines()[0]
 
 
+
+@pytest.mark.parametrize("stored, expect", [
+    # A damaged digest attribute that keeps the right first characters: the message shows both in full.
+    (lambda good: good[:12] + ("0" if good[12] != "0" else "1") + good[13:], "sha256 mismatch (stored "),
+    (lambda good: good[:20] + "\u00e9", "sha256 attribute is not a sha256 hex digest"),
+])
+def test_damaged_sha256_attribute_is_told_apart(base, tmp_path, stored, expect):
+    p = str(tmp_path / "badsha.h5")
+    shutil.copy(base.h5, p)
+    with h5py.File(p, "r+") as f:
+        a = f["decoder/conv_out.bias"].attrs
+        good = a["sha256"] if isinstance(a["sha256"], str) else a["sha256"].decode()
+        bad = stored(good)
+        a["sha256"] = bad
+    r = cli("verify", p)
+    no_traceback(r)
+    first = r.stderr.splitlines()[0]
+    assert r.exit_code == 1 and "/decoder/conv_out.bias: " + expect in first, first
+    assert good in first  # the digest the data really has
+    if expect.startswith("sha256 mismatch"):
+        assert bad in first
+
+
 # ----------------------------------------------------------------------------------- odd weights
 
 
