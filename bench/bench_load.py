@@ -65,6 +65,7 @@ weights = [*m.parameters()] + [x.packed_weight for x in m.modules() if hasattr(x
 for w in weights:  # touch every byte (weights already packed were written by the packing itself)
     if not w.is_mkldnn:
         float(w.sum())
+del weights, w  # a plain weight must be freed once its module has packed it
 seconds, peak = time.perf_counter() - t0, peak_rss_mib()
 calls = []
 if first_call:

@@ -96,6 +96,7 @@ def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtyp
         packed = component in PACKED and torch.device(device).type == "cpu"
     if packed:
         pack.pack(model, lazy=True)
+        pack.pack_on_first_call(model)
     if component in CHANNELS_LAST and str(device) != "meta":
         # Its activations run channels-last; NCHW conv weights would be reordered on every call
         # (full UNet, batch 2, 64x64, CPU: 10.9 s -> 9.8 s, bench/README.md).

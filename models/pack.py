@@ -8,10 +8,11 @@ reorder costs about as much as the convolution itself (2560->1280 at 8x8: 94 GFL
 weight: memory stays the same, the arithmetic is oneDNN's either way (convolutions give the same bits,
 GEMMs agree to ~2e-7 relative).
 
-`pack(model, lazy=True)` (what `load_model` does) defers each reorder to the module's first call: a
-plain call reorders its weight anyway, so the first forward costs about what an unpacked one does,
-and loading stays a memory map (full UNet ready to run in about the time safetensors takes;
-bench/README.md). `lazy=False` reorders everything at once.
+`pack(model, lazy=True)` defers each reorder to the module's first call; `load_model` adds
+`pack_on_first_call`, which reorders them all when the whole model is first called. Loading stays a
+memory map (the full UNet ready to run in about the time safetensors takes), and the first forward
+pays the reorders a plain forward pays on every call (bench/README.md). `lazy=False` reorders
+everything at once.
 
 Packed modules run on CPU tensors only. Their state dict still has the plain `weight`
 (`_save_to_state_dict` unpacks), so saving and inspecting a packed model works; moving one to another
@@ -151,6 +152,18 @@ def pack_all(model: nn.Module) -> int:
     for m in todo:
         m.pack_now()
     return len(todo)
+
+
+def pack_on_first_call(model: nn.Module) -> None:
+    """Pack every lazily packed module of `model` when `model` is first called, before its forward
+    allocates anything. Packing layer by layer inside the forward interleaves the packed weights with
+    the activations on the heap, and later calls ran 2-5 % slower (bench/README.md)."""
+
+    def hook(module, args):
+        handle.remove()
+        pack_all(module)
+
+    handle = model.register_forward_pre_hook(hook)
 
 
 def _pack_children(parent: nn.Module, lazy: bool) -> int:
