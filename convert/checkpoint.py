@@ -5,6 +5,10 @@ rebuild tensors and plain containers. Objects that real checkpoints carry but we
 (PyTorch-Lightning callbacks, numpy scalars, hyper-parameter namespaces) become inert placeholders;
 their modules are never imported. Any other global is refused before anything runs.
 
+TorchScript archives (`torch.jit.save`, e.g. OpenAI's CLIP `.pt` files) are read the same way: their
+`__torch__.*` classes become data-only placeholders whose attributes are collected into a state dict
+(`visual.conv1.weight`, ...); the archive's code is never read, compiled or run.
+
 Laziness: unpickling yields `LazyTensor` records (storage key, dtype, offset, shape, stride); the bytes
 of one storage are read only when `Checkpoint.tensor(key)` asks for it, so walking a 4 GB checkpoint
 key by key holds one tensor at a time.
@@ -109,13 +113,39 @@ class Inert:
         return f"<inert {self._global}>"
 
 
+class ScriptObject(Inert):
+    """Placeholder for a TorchScript module (`__torch__.*`): only the attributes its pickle sets."""
+
+    def attributes(self) -> dict:
+        state = self.__dict__.get("_state")
+        return state if isinstance(state, dict) else {}
+
+
 _inert_classes: dict[str, type] = {}
 
 
-def _inert(name: str) -> type:
+def _inert(name: str, base: type = Inert) -> type:
     if name not in _inert_classes:
-        _inert_classes[name] = type(name.rsplit(".", 1)[-1], (Inert,), {"_global": name})
+        _inert_classes[name] = type(name.rsplit(".", 1)[-1], (base,), {"_global": name})
     return _inert_classes[name]
+
+
+def _script_state_dict(root: ScriptObject, path: str) -> dict:
+    """A TorchScript module tree's tensors by dotted attribute path, as its `state_dict()` names them."""
+    out, seen = {}, set()
+
+    def walk(obj: ScriptObject, prefix: str, depth: int):
+        if id(obj) in seen or depth > 64:  # a pickle can alias or nest objects without end
+            raise BadFile(f"{path}: TorchScript module tree loops or nests deeper than 64 levels")
+        seen.add(id(obj))
+        for name, v in obj.attributes().items():
+            if isinstance(v, LazyTensor):
+                out[f"{prefix}{name}"] = v
+            elif isinstance(v, ScriptObject):
+                walk(v, f"{prefix}{name}.", depth + 1)
+
+    walk(root, "", 0)
+    return out
 
 
 @dataclass(frozen=True)
@@ -172,6 +202,12 @@ class _SafeUnpickler(pickle.Unpickler):
         "builtins.dict": dict,
         "builtins.list": list,
         "builtins.tuple": tuple,
+        # TorchScript's typed containers: the value itself (a list, or the tagged object).
+        "torch.jit._pickle.build_intlist": list,
+        "torch.jit._pickle.build_doublelist": list,
+        "torch.jit._pickle.build_boollist": list,
+        "torch.jit._pickle.build_tensorlist": list,
+        "torch.jit._pickle.restore_type_tag": lambda value, _type=None: value,
     }
 
     def __init__(self, file, path: str):
@@ -186,6 +222,8 @@ class _SafeUnpickler(pickle.Unpickler):
             return _STORAGE_DTYPES[name]
         if module == "torch" and name in ("Size",):
             return tuple
+        if module == "__torch__" or module.startswith("__torch__."):  # a TorchScript class: data only
+            return _inert(full, ScriptObject)
         if (full in _INERT_EXACT or full.startswith(_INERT_PREFIXES)) and not full.startswith(_DANGEROUS_NUMPY):
             if full.startswith("numpy.") and name not in ("scalar", "dtype", "_reconstruct", "ndarray") \
                     and not name.endswith("DType"):
@@ -204,6 +242,11 @@ class _SafeUnpickler(pickle.Unpickler):
 
 def _find_state_dict(obj, path: str):
     """Top-level object -> (wrapper name, state dict of LazyTensors, metadata)."""
+    if isinstance(obj, ScriptObject):
+        sd = _script_state_dict(obj, path)
+        if not sd:
+            raise BadFile(f"{path}: TorchScript archive without tensors ({obj._global})")
+        return "torchscript", sd, {"torchscript_class": obj._global}
     if not isinstance(obj, dict):
         raise BadFile(f"{path}: the pickle holds a {type(obj).__name__}, not a dict of tensors")
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -235,7 +278,7 @@ class Checkpoint:
 
     path: str
     container: str  # "torch-zip" | "safetensors"
-    wrapper: str  # "lightning" | "flat" | "nested:<key>" | "safetensors"
+    wrapper: str  # "lightning" | "flat" | "nested:<key>" | "torchscript" | "safetensors"
     infos: dict[str, TensorInfo]
     metadata: dict = field(default_factory=dict)
     non_tensors: list[str] = field(default_factory=list)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import h5py
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from sdport.convert.checkpoint import open_checkpoint
 from sdport.convert.convert import convert, export
+from sdport.fixtures import malicious
 from sdport.models.layout import LayoutReader, verify
 from sdport.models.load import load_model
 from conftest import REPO, run_cli
@@ -46,7 +48,7 @@ def test_inspect_json(variants, variant):
         assert "cond_stage_model.transformer.text_model.embeddings.position_ids" in info["ignored"]
 
 
-@pytest.mark.parametrize("variant", ["vit_openai", "vit_hf", "vit_compvis"])
+@pytest.mark.parametrize("variant", ["vit_openai", "vit_hf", "vit_compvis", "vit_torchscript"])
 def test_inspect_vit(variants, variant):
     rc, out, _ = run_cli("inspect", "--json", variants[variant])
     info = json.loads(out)
@@ -90,7 +92,7 @@ def test_inspect_layout(converted):
     assert set(info["components"]) == {"unet", "text_model", "encoder", "decoder", "schedule"}
 
 
-@pytest.mark.parametrize("variant", SD + ["vit_openai", "vit_hf", "vit_compvis"])
+@pytest.mark.parametrize("variant", SD + ["vit_openai", "vit_hf", "vit_compvis", "vit_torchscript"])
 def test_round_trip_bit_exact(variants, converted, tmp_path, variant):
     h5 = converted[variant]
     assert verify(h5) == []
@@ -98,7 +100,7 @@ def test_round_trip_bit_exact(variants, converted, tmp_path, variant):
         back = str(tmp_path / f"back{ext}")
         export(h5, back)
         with open_checkpoint(variants[variant]) as src, open_checkpoint(back) as out, LayoutReader(h5) as r:
-            ignored = set(r.attrs.get("ignored", {}))
+            ignored = set(r.attrs.get("ignored", {})) | set(r.attrs.get("unknown_keys", []))  # never converted
             assert set(out.keys()) == set(src.keys()) - ignored
             for k in out.keys():
                 a, b = src.tensor(k), out.tensor(k)
@@ -282,3 +284,33 @@ def test_every_native_model_names_its_config_config(converted, component, varian
     assert type(model.config).__name__.endswith("Config") and not hasattr(model, "cfg")
     assert {k: getattr(model.config, k) for k in stored} == {
         k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+
+
+def test_torchscript_archive_reads_like_its_state_dict(variants, converted):
+    """OpenAI ships CLIP as `torch.jit.save` archives: read as data (code never run), same weights."""
+    with open_checkpoint(variants["vit_torchscript"]) as ts, open_checkpoint(variants["vit_openai"]) as sd:
+        assert ts.wrapper == "torchscript"
+        assert set(ts.keys()) == set(sd.keys()) | {"logit_scale"}
+        for k in sd.keys():
+            assert torch.equal(ts.tensor(k), sd.tensor(k)), k
+    with LayoutReader(converted["vit_torchscript"]) as a, LayoutReader(converted["vit_openai"]) as b:
+        assert a.keys("vit") == b.keys("vit")
+        for k in b.keys("vit"):
+            assert torch.equal(a.tensor("vit", k), b.tensor("vit", k)), k
+    # What torch.jit.load runs (the reference only) against the native model from the converted file.
+    pix = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's; the format is what ships
+        jit = torch.jit.load(variants["vit_torchscript"]).eval()
+    with torch.no_grad():
+        want = jit(pix) / jit.logit_scale.exp()
+        assert _rel_l2(load_model(converted["vit_torchscript"], "vit")(pix), want) <= 1e-5
+
+
+def test_torchscript_module_tree_that_loops_is_refused(tmp_path):
+    # A `__torch__` object whose attribute is itself, built by hand (no torch.jit.save makes one).
+    body = (b"\x80\x02c__torch__\nM\nq\x00)\x81q\x01}q\x02X\x04\x00\x00\x00selfq\x03h\x01sb.")
+    p = tmp_path / "loop.pt"
+    p.write_bytes(malicious.torch_zip(body))
+    rc, _, err = run_cli("inspect", str(p))
+    assert rc == 2 and "loops or nests" in err and "Traceback" not in err
