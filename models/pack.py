@@ -157,7 +157,7 @@ def pack_all(model: nn.Module) -> int:
 def pack_on_first_call(model: nn.Module) -> None:
     """Pack every lazily packed module of `model` when `model` is first called, before its forward
     allocates anything. Packing layer by layer inside the forward interleaves the packed weights with
-    the activations on the heap, and later calls ran 2-5 % slower (bench/README.md)."""
+    the activations on the heap, and the next call ran about 0.3 s (3-4 %) slower (bench/README.md)."""
 
     def hook(module, args):
         handle.remove()
