@@ -134,13 +134,40 @@ def _levels(shapes: dict, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
+# The two halves of a KL autoencoder: a file may hold one alone (a port that only decodes latents
+# ships the decoder); the other half's keys are then neither expected nor allowed.
+HALVES = {"encoder": ("encoder.", "quant_conv."), "decoder": ("decoder.", "post_quant_conv.")}
+
+
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:
     """Prefix-stripped CompVis VAE keys -> shapes  =>  the VAEConfig they describe.
 
-    Raises UnsupportedCheckpoint, naming the key, the shape found and the shape expected, on anything
-    outside the family (attention outside the middle block, widths that GroupNorm(32) cannot split, ...).
+    From the encoder when its keys are there, else from the decoder alone (in_channels, which only the
+    encoder uses, is then taken to equal out_channels). Raises UnsupportedCheckpoint, naming the key,
+    the shape found and the shape expected, on anything outside the family (attention outside the
+    middle block, widths that GroupNorm(32) cannot split, ...).
     """
     shapes = {k: tuple(v) for k, v in shapes.items()}
+    present = [h for h, prefixes in HALVES.items() if any(k.startswith(prefixes[0]) for k in shapes)]
+    cfg = _from_encoder(shapes, "decoder" in present) if "encoder" in present or not present else _from_decoder(shapes)
+    parts = tuple(p for h in present for p in HALVES[h])
+    # Every key the config implies must be there with its shape; nothing else may be, unless ignored.
+    expected = {k: v for k, v in source_shapes(cfg).items() if k.startswith(parts)}
+    for k, s in expected.items():
+        if k not in shapes:
+            raise UnsupportedCheckpoint(f"VAE: key {k!r} missing; expected shape {s} for {cfg}")
+        if shapes[k] != s:
+            raise UnsupportedCheckpoint(f"VAE: key {k!r} has shape {shapes[k]}; expected {s} for {cfg}")
+    for k in sorted(shapes):
+        if k not in expected and not is_ignored(k):
+            raise UnsupportedCheckpoint(
+                f"VAE: unexpected key {k!r} with shape {shapes[k]}; expected only the keys of {cfg}"
+                " (attention outside the middle block is not supported)"
+            )
+    return cfg
+
+
+def _from_encoder(shapes: dict, with_decoder: bool) -> VAEConfig:
     what = "VAE"
     conv_in = shape_of(shapes, "encoder.conv_in.weight", 4, what, "[ch, in_channels, 3, 3] of a CompVis KL autoencoder")
     ch, in_channels = conv_in[0], conv_in[1]
@@ -172,7 +199,8 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:
         raise UnsupportedCheckpoint(
             f"VAE: key 'quant_conv.weight' has shape {quant}; expected an even output width (mean and logvar)"
         )
-    out_ch = shape_of(shapes, "decoder.conv_out.weight", 4, what, f"[out_channels, {ch}, 3, 3]")[0]
+    out_ch = (shape_of(shapes, "decoder.conv_out.weight", 4, what, f"[out_channels, {ch}, 3, 3]")[0]
+              if with_decoder else in_channels)
     try:
         cfg = VAEConfig(
             ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=n_res, z_channels=conv_out[0] // 2,
@@ -180,18 +208,29 @@ def infer_config(shapes: dict[str, tuple[int, ...]]) -> VAEConfig:
         )
     except ValueError as e:
         raise UnsupportedCheckpoint(f"VAE: key 'encoder.conv_in.weight' has shape {conv_in}: {e}") from None
-
-    # Every key the config implies must be there with its shape; nothing else may be, unless ignored.
-    expected = source_shapes(cfg)
-    for k, s in expected.items():
-        if k not in shapes:
-            raise UnsupportedCheckpoint(f"VAE: key {k!r} missing; expected shape {s} for {cfg}")
-        if shapes[k] != s:
-            raise UnsupportedCheckpoint(f"VAE: key {k!r} has shape {shapes[k]}; expected {s} for {cfg}")
-    for k in sorted(shapes):
-        if k not in expected and not is_ignored(k):
-            raise UnsupportedCheckpoint(
-                f"VAE: unexpected key {k!r} with shape {shapes[k]}; expected only the keys of {cfg}"
-                " (attention outside the middle block is not supported)"
-            )
     return cfg
+
+
+def _from_decoder(shapes: dict) -> VAEConfig:
+    what = "VAE decoder"
+    conv_out = shape_of(shapes, "decoder.conv_out.weight", 4, what, "[out_channels, ch, 3, 3] of a CompVis KL decoder")
+    out_ch, ch = conv_out[0], conv_out[1]
+    conv_in = shape_of(shapes, "decoder.conv_in.weight", 4, what, "[ch * ch_mult[-1], z_channels, 3, 3]")
+    post = shape_of(shapes, "post_quant_conv.weight", 4, what, f"[{conv_in[1]}, embed_dim, 1, 1]")
+    n_levels = _levels(shapes, r"decoder\.up\.(\d+)\.")
+    blocks = _levels(shapes, r"decoder\.up\.0\.block\.(\d+)\.")  # num_res_blocks + 1 per level
+    if n_levels == 0 or blocks < 2:
+        raise UnsupportedCheckpoint("VAE decoder: no 'decoder.up.0.block.1.*' keys; expected a CompVis KL decoder")
+    ch_mult = []
+    for i in range(n_levels):
+        key = f"decoder.up.{i}.block.0.conv2.weight"
+        w = shape_of(shapes, key, 4, what, f"[{ch} * ch_mult[{i}], width, 3, 3]")[0]
+        if w % ch:
+            raise UnsupportedCheckpoint(f"VAE decoder: key '{key}' has shape {shapes[key]}; expected an output width "
+                                        f"that is a multiple of ch={ch}")
+        ch_mult.append(w // ch)
+    try:
+        return VAEConfig(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=blocks - 1, z_channels=conv_in[1],
+                         embed_dim=post[1], in_channels=out_ch, out_channels=out_ch)
+    except ValueError as e:
+        raise UnsupportedCheckpoint(f"VAE decoder: key 'decoder.conv_out.weight' has shape {conv_out}: {e}") from None

@@ -326,9 +326,19 @@ def test_missing_components(base, tmp_path):
     gone = "output_blocks.2.0.skip_connection.weight"
     holed = {k: v for k, v in base.sd.items() if k != "model.diffusion_model." + gone}
     one_line_error(cli("convert", save_ckpt(holed, tmp_path / "holed.ckpt"), "-o", tmp_path / "h.h5"), names=gone)
-    # The VAE decoder missing: the VAE config needs both halves, so this is refused, naming the key.
+    # The VAE decoder missing as a whole: a file of the other components (one VAE half converts alone),
+    # which the pipelines then refuse, naming what is missing.
     no_dec = {k: v for k, v in base.sd.items() if not k.startswith(("first_stage_model.decoder", "first_stage_model.post"))}
-    one_line_error(cli("convert", save_ckpt(no_dec, tmp_path / "nodec.ckpt"), "-o", tmp_path / "d.h5"),
+    r = cli("convert", save_ckpt(no_dec, tmp_path / "nodec.ckpt"), "-o", tmp_path / "nodec.h5")
+    assert r.exit_code == 0, r.output
+    with LayoutReader(tmp_path / "nodec.h5") as rd:
+        assert rd.components() == ["unet", "text_model", "encoder"]
+    if "txt2img" in main.commands:
+        one_line_error(cli("txt2img", tmp_path / "nodec.h5", "a cat", "-o", tmp_path / "x.png"), names="decoder")
+        nothing_written(tmp_path / "x.png")
+    # One decoder tensor missing: refused, naming it.
+    holed_dec = {k: v for k, v in base.sd.items() if k != "first_stage_model.decoder.conv_out.weight"}
+    one_line_error(cli("convert", save_ckpt(holed_dec, tmp_path / "nodec1.ckpt"), "-o", tmp_path / "d.h5"),
                    names="decoder.conv_out.weight")
     # Nothing convertible at all.
     one_line_error(cli("convert", save_ckpt({}, tmp_path / "empty.ckpt"), "-o", tmp_path / "e.h5"),

@@ -17,13 +17,20 @@ CASES = {
     "vae": ("first_stage_model.", "", ["encoder", "decoder"], "partial"),
     "unet": ("model.diffusion_model.", "", ["unet"], "txt2img"),  # the UNet alone says txt2img or inpainting
     "text": ("cond_stage_model.transformer.", "", ["text_model"], "partial"),
+    # One half of the VAE, bare or still under the CompVis prefix.
+    "vae_decoder": ("first_stage_model.", "", ["decoder"], "partial"),
+    "vae_encoder": ("first_stage_model.", "first_stage_model.", ["encoder"], "partial"),
 }
+# Which keys (after the strip) each case keeps; the others keep everything under the prefix.
+KEEP = {"vae_decoder": ("decoder.", "post_quant_conv."), "vae_encoder": ("encoder.", "quant_conv.")}
 
 
 def _standalone(src: str, case: str, path: str) -> dict:
     strip, put = CASES[case][:2]
+    keep = KEEP.get(case, ("",))
     with open_checkpoint(src) as ck:
-        sd = {put + k[len(strip):]: ck.tensor(k).clone() for k in ck.keys() if k.startswith(strip)}
+        sd = {put + k[len(strip):]: ck.tensor(k).clone() for k in ck.keys()
+              if k.startswith(strip) and k[len(strip):].startswith(keep)}
     if path.endswith(".safetensors"):
         save_file(sd, path)
     else:
@@ -65,3 +72,27 @@ def test_standalone_vae_parity_and_load(variants, tmp_path):
     result = run_parity("decoder", src, h5=h5)
     assert result.report.passed and result.report.culprit is None
     assert len(result.report.layers) > 10
+
+
+@pytest.mark.parametrize("case, component", [("vae_decoder", "decoder"), ("vae_encoder", "encoder")])
+def test_one_vae_half_alone_loads_and_passes_parity(variants, tmp_path, case, component):
+    src = str(tmp_path / f"{case}.safetensors")
+    _standalone(variants["lightning"], case, src)
+    h5, full = str(tmp_path / f"{case}.h5"), str(tmp_path / "full.h5")
+    convert(src, h5)
+    convert(variants["lightning"], full, components={component})
+    with LayoutReader(h5) as a, LayoutReader(full) as b:
+        assert a.config(component) == b.config(component)  # the half alone gives the same config
+        for k in b.keys(component):
+            assert torch.equal(a.tensor(component, k), b.tensor(component, k)), k
+    result = run_parity(component, src, h5=h5)
+    assert result.report.passed and result.report.culprit is None and len(result.report.layers) > 5
+
+
+def test_vae_decoder_missing_a_key_is_named(variants, tmp_path):
+    src = str(tmp_path / "dec.safetensors")
+    sd = _standalone(variants["lightning"], "vae_decoder", src)
+    del sd["decoder.up.0.block.1.conv2.weight"]
+    save_file(sd, src)
+    with pytest.raises(Exception, match="decoder.up.0.block.1.conv2.weight"):
+        convert(src, str(tmp_path / "dec.h5"))
