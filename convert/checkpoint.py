@@ -189,6 +189,11 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *rest):
     return data
 
 
+def _type_tagged(value, type_name=None):
+    """TorchScript's restore_type_tag(value, type name): the type is only a static annotation."""
+    return value
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Resolves only an allow-list of globals; everything else is refused by name."""
 
@@ -207,7 +212,7 @@ class _SafeUnpickler(pickle.Unpickler):
         "torch.jit._pickle.build_doublelist": list,
         "torch.jit._pickle.build_boollist": list,
         "torch.jit._pickle.build_tensorlist": list,
-        "torch.jit._pickle.restore_type_tag": lambda value, _type=None: value,
+        "torch.jit._pickle.restore_type_tag": _type_tagged,
     }
 
     def __init__(self, file, path: str):
