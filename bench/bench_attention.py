@@ -15,25 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
-
-def timed(fn, runs):
-    fn()
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def bmm_attention(q, k, v, chunk: int):
@@ -75,7 +63,7 @@ def main(argv=None):
         for name, fn in ways.items():
             out = fn().float()
             rel = float((out - ref).norm() / ref.norm())
-            s = timed(fn, a.runs)
+            s = common.median_time(fn, a.runs)
             rows.append({"impl": name, "scale": scale, "median_s": s, "gflops": flop / s / 1e9, "rel_l2": rel})
             print(f"scale {scale:g} {name:<10} {s * 1e3:7.1f} ms  {flop / s / 1e9:6.1f} GFLOP/s  "
                   f"rel_l2 vs fp32 {rel:.2e}", flush=True)

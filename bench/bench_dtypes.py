@@ -6,25 +6,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
-
-def timed(fn, runs):
-    fn()
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 @torch.inference_mode()
@@ -43,8 +31,8 @@ def main(argv=None):
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         x, w = torch.randn(2, c, s, s).to(dt), torch.randn(c, c, 3, 3).to(dt)
         p, q = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
-        tc = timed(lambda: F.conv2d(x, w, padding=1), a.runs)
-        tg = timed(lambda: p @ q, a.runs)
+        tc = common.median_time(lambda: F.conv2d(x, w, padding=1), a.runs)
+        tg = common.median_time(lambda: p @ q, a.runs)
         rows.append({"dtype": name, "conv_s": tc, "conv_gflops": conv_flop / tc / 1e9,
                      "gemm_s": tg, "gemm_gflops": gemm_flop / tg / 1e9})
         print(f"{name}: conv3x3 2x{c}x{s}x{s} {rows[-1]['conv_gflops']:.1f} GFLOP/s, "

@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
@@ -112,6 +113,17 @@ def h5_for(ckpt: str) -> str:
 
         convert(ckpt, out)
     return out
+
+
+def median_time(fn, runs: int) -> float:
+    """Median wall time of `runs` calls of `fn` after one untimed warm-up call (kernels, allocator)."""
+    fn()
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
 
 
 def summarise(impl: str, runs, **extra) -> dict:
