@@ -134,11 +134,21 @@ def _blocks(n: int, dim: int, heads: int, intermediate: int, activation: str, ep
 # ----------------------------------------------------------------------------- text
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves a meta-device weight alone: its normal_ init on meta goes through
+    torch's Python decompositions, whose first use imports torch._dynamo (1.2 s of every load and
+    conversion, for values the file replaces anyway)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class TextEmbedding(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.token = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.position = nn.Embedding(cfg.max_positions, cfg.hidden)
+        self.token = Embedding(cfg.vocab_size, cfg.hidden)
+        self.position = Embedding(cfg.max_positions, cfg.hidden)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[-1]
@@ -177,7 +187,7 @@ class PatchEmbedding(nn.Module):
         self.image_size = cfg.image_size
         self.patch = nn.Conv2d(3, cfg.hidden, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.cls = nn.Parameter(torch.empty(cfg.hidden))
-        self.position = nn.Embedding(cfg.positions, cfg.hidden)
+        self.position = Embedding(cfg.positions, cfg.hidden)
         nn.init.normal_(self.cls, std=cfg.hidden ** -0.5)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import torch
 
+from .directio import DataWriter
 from .errors import BadFile, LayoutError, SdportError
 
 FORMAT = "sdport"
@@ -96,7 +97,7 @@ class LayoutWriter:
         self.path = os.fspath(path)
         self.partial = self.path + ".partial"
         self.compression = compression
-        self._pool, self._fd = None, None
+        self._writer: DataWriter | None = None  # with its hashing and writing threads, on the first write
         self._pending, self._in_flight = collections.deque(), 0
         self._digests: list[tuple[str, str | Future]] = []  # dataset name -> sha256, in creation order
         if not os.path.basename(self.path):
@@ -136,8 +137,9 @@ class LayoutWriter:
         """One dataset named by the native state-dict key, with its sha256.
 
         An uncompressed dataset is allocated at once and its bytes go straight to their place in the file,
-        hashed and written by two threads while the caller prepares the next tensor (hashlib and pwrite
-        release the GIL; HDF5's own write path copies through its type conversion at ~1 GB/s).
+        hashed in one thread and written in another (models/directio.py) while the caller prepares the next
+        tensor (hashlib and pwrite release the GIL; HDF5's own write path copies through its type
+        conversion at ~1 GB/s).
         """
         arr = to_numpy(tensor)
         grp = self.f[group]
@@ -159,23 +161,14 @@ class LayoutWriter:
         self._finish(block=False)
 
     def _start(self, arr: np.ndarray, offset: int) -> Future:
-        """Hash and write `arr` in the pool; returns the digest's future."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=2)
-            self._fd = os.open(self.partial, os.O_WRONLY)
-        digest = self._pool.submit(sha256, arr)
-        self._pending.append((digest, self._pool.submit(self._pwrite, arr, offset), arr.nbytes))
+        """Hash `arr` in one thread and write it in another; returns the digest's future."""
+        if self._writer is None:
+            self._hashing, self._writing = ThreadPoolExecutor(max_workers=1), ThreadPoolExecutor(max_workers=1)
+            self._writer = DataWriter(self.partial)  # owned by the one writing thread
+        digest = self._hashing.submit(sha256, arr)
+        self._pending.append((digest, self._writing.submit(self._writer.write, arr, offset), arr.nbytes))
         self._in_flight += arr.nbytes
         return digest
-
-    def _pwrite(self, arr: np.ndarray, offset: int) -> None:
-        view = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
-        try:
-            while view:
-                n = os.pwrite(self._fd, view, offset)
-                view, offset = view[n:], offset + n
-        except OSError as e:  # name the file, as h5py's errors do, so the caller reports it as a write error
-            raise OSError(e.errno, e.strerror, self.partial) from None
 
     def _finish(self, block: bool) -> None:
         """Retire finished writes (raising their errors); wait while too many bytes are in flight (or for
@@ -203,14 +196,13 @@ class LayoutWriter:
         os.replace(self.partial, self.path)
 
     def _stop_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)  # no thread may write after this
-            self._pool = None
+        if self._writer is not None:
+            for pool in (self._hashing, self._writing):
+                pool.shutdown(wait=True, cancel_futures=True)  # no thread may write after this
+            self._writer.close()
+            self._writer = None
             self._pending.clear()
             self._in_flight = 0
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
     def abort(self):
         self._stop_pool()
