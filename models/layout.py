@@ -99,6 +99,8 @@ class LayoutWriter:
         self.partial = self.path + ".partial"
         self.compression = compression
         self._writer: DataWriter | None = None  # with its hashing and writing threads, on the first write
+        self._hashing: ThreadPoolExecutor | None = None
+        self._writing: ThreadPoolExecutor | None = None
         self._pending, self._in_flight = collections.deque(), 0
         self._digests: list[tuple[str, str | Future]] = []  # dataset name -> sha256, in creation order
         if not os.path.basename(self.path):
@@ -480,7 +482,7 @@ def verify(path: str, threads: int = 2) -> list[str]:
     VERIFY_IN_FLIGHT bytes ahead of the oldest unfinished one; problems come in dataset order.
     """
     problems: list[str] = []
-    pending: collections.deque = collections.deque()  # (name, stored digest, future) or (message,)
+    pending: collections.deque = collections.deque()  # (name, stored digest, bytes, future) or (message,)
     in_flight = 0
 
     def settle(limit: int) -> None:
