@@ -16,7 +16,8 @@ projections, fixed head count, GEGLU feed-forward), laid out the way the archite
 from the down level with the same index.
 
 Fast by construction: one fused q/k/v projection for self-attention, fused k/v for cross-attention,
-token-space `nn.Linear` for the 1x1 projections, `scaled_dot_product_attention`, and optional chunking
+token-space `nn.Linear` for the 1x1 projections, `scaled_dot_product_attention` (in bf16 on a CPU, the
+AVX512-BF16 kernel of models/cpu_attention.py where it builds), and optional chunking
 of attention along query tokens (`UNet.set_attention_chunk`) to bound peak memory. Activations run in
 channels-last memory format: oneDNN's convolutions prefer it, and a spatial transformer's tokens
 [B, H*W, C] are then a free view of its feature map instead of a transposed copy each way.
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import cpu_attention
 
 GROUPS = 32  # GroupNorm groups everywhere in the UNet
 RES_NORM_EPS = 1e-5  # ResBlocks and norm_out (ldm's GroupNorm32: nn.GroupNorm default eps)
@@ -114,10 +117,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int | None)
     """
     n = q.shape[2]
     if chunk is None or chunk >= n:
-        return F.scaled_dot_product_attention(q, k, v)
+        return cpu_attention.attention(q, k, v)
     out = torch.empty_like(q)
     for i in range(0, n, chunk):
-        out[:, :, i : i + chunk] = F.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v)
+        out[:, :, i : i + chunk] = cpu_attention.attention(q[:, :, i : i + chunk], k, v)
     return out
 
 
