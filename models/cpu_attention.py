@@ -104,9 +104,15 @@ def reason() -> str:
     return _reason
 
 
-@functools.lru_cache(maxsize=1)
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sdport-attention")
+    # One per process: a forked child inherits the parent's executor without its threads.
+    pid = os.getpid()
+    if pid not in _pools:
+        _pools[pid] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sdport-attention")
+    return _pools[pid]
 
 
 def _applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
