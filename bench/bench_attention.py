@@ -1,12 +1,15 @@
-"""The UNet's largest self-attention in bf16 on this CPU: torch's SDPA kernel against a bf16-GEMM path.
+"""The UNet's largest self-attention in bf16 on this CPU: torch's SDPA kernel, sdport's AVX512-BF16 kernel
+and a bf16-GEMM path.
 
     python bench/bench_attention.py [--tokens 4096] [--dim 40] [--scales 1,3] [--chunk 128] [--runs 5] [--json OUT]
 
 Shape: batch 2, 8 heads, `--tokens` queries and keys of `--dim` (the full UNet's 64x64 level: 4096x40,
 five calls per forward). q/k/v come from one fused [B, N, 3, h, d] projection as in models/unet.py, drawn
-with standard deviation `scale` (a larger scale makes the softmax peakier). Three ways, each timed
+with standard deviation `scale` (a larger scale makes the softmax peakier). Four ways, each timed
 (median of `--runs`) and compared with fp32 SDPA on the same bf16 inputs:
-  sdpa-bf16   F.scaled_dot_product_attention on the bf16 views (what the native UNet runs)
+  native-bf16 models/cpu_attention.attention: the C kernel (fp32 scores and softmax, bf16 products), what
+              the native UNet runs where it builds
+  sdpa-bf16   F.scaled_dot_product_attention on the bf16 views
   sdpa-fp32   the same kernel on fp32 copies, output cast back to bf16
   bmm-bf16    per chunk of `--chunk` query rows: bf16 q kᵀ GEMM, softmax, bf16 p v GEMM (bf16 GEMMs run at
               twice the fp32 rate here, but the scores are rounded to bf16 before the softmax)
@@ -22,6 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+
+from sdport.models import cpu_attention  # noqa: E402
 
 
 def bmm_attention(q, k, v, chunk: int):
@@ -50,12 +55,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     flop = 2 * 2 * 8 * a.tokens * a.tokens * a.dim * 2  # q kᵀ and p v, batch 2, 8 heads
     rows = []
+    print(f"native kernel: {cpu_attention.reason()}", flush=True)
     for scale in (float(x) for x in a.scales.split(",")):
         g = torch.Generator().manual_seed(0)
         qkv = (torch.randn(2, a.tokens, 3, 8, a.dim, generator=g) * scale).bfloat16()
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B, N, 3, h, d] -> 3 x [B, h, N, d]
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         ways = {
+            "native-bf16": lambda: cpu_attention.attention(q, k, v),
             "sdpa-bf16": lambda: F.scaled_dot_product_attention(q, k, v),
             "sdpa-fp32": lambda: F.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16(),
             "bmm-bf16": lambda: bmm_attention(q, k, v, a.chunk),
@@ -67,7 +74,8 @@ def main(argv=None):
             rows.append({"impl": name, "scale": scale, "median_s": s, "gflops": flop / s / 1e9, "rel_l2": rel})
             print(f"scale {scale:g} {name:<10} {s * 1e3:7.1f} ms  {flop / s / 1e9:6.1f} GFLOP/s  "
                   f"rel_l2 vs fp32 {rel:.2e}", flush=True)
-    common.write_json(a.json, {"benchmark": "attention", "settings": vars(a), "machine": common.machine(),
+    common.write_json(a.json, {"benchmark": "attention", "settings": vars(a), "native_kernel": cpu_attention.reason(),
+                               "machine": common.machine(),
                                "versions": common.versions(), "results": rows})
 
 

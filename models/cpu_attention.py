@@ -141,10 +141,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     heads = b * h
     parts = max(1, min(torch.get_num_threads(), heads))
     spans = [(i * heads // parts, (i + 1) * heads // parts) for i in range(parts)]
-    if parts == 1:
-        codes = [fn(*args, 0, heads)]
-    else:
-        codes = list(_pool().map(lambda s: fn(*args, *s), spans))
+    with torch.profiler.record_function("sdport::attention_bf16"):  # named in profiles like a torch op
+        if parts == 1:
+            codes = [fn(*args, 0, heads)]
+        else:
+            codes = list(_pool().map(lambda s: fn(*args, *s), spans))
     if any(codes):
         raise MemoryError("bf16 attention: the kernel could not allocate its work buffers")
     return out
