@@ -15,6 +15,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -49,17 +50,17 @@ def _cpu_has_bf16() -> bool:
     return False
 
 
-def _build(cc: str) -> str:
+def _build(cc: list[str]) -> str:
     """Path of the compiled library, built (atomically) unless the cache has it."""
     src = open(SOURCE, "rb").read()
-    tag = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join([*cc, *FLAGS]).encode()).hexdigest()[:16]
     out = os.path.join(_cache_dir(), f"attention_bf16-{tag}.so")
     if not os.path.exists(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(out))
         os.close(fd)
         try:
-            subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE], check=True, capture_output=True, timeout=120)
+            subprocess.run([*cc, *FLAGS, "-o", tmp, SOURCE], check=True, capture_output=True, timeout=120)
             os.replace(tmp, out)
         finally:
             if os.path.exists(tmp):
@@ -77,7 +78,7 @@ def _kernel():
     if not _cpu_has_bf16():
         _reason = f"this CPU lacks one of {', '.join(CPU_FLAGS)} (or is not Linux)"
         return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = shlex.split(os.environ.get("CC") or "") or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
     if not cc:
         _reason = "no C compiler (cc, gcc or $CC)"
         return None
@@ -85,7 +86,8 @@ def _kernel():
         fn = ctypes.CDLL(_build(cc)).sdport_attention_bf16  # CDLL: the GIL is released during calls
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
-        _reason = f"building {os.path.basename(SOURCE)} failed: {(detail.decode(errors='replace') or str(e)).strip()[:200]}"
+        why = (detail.decode(errors="replace") or str(e)).strip()[:200]
+        _reason = f"building {os.path.basename(SOURCE)} failed: {why}"
         return None
     p, i = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [p, p, p, p, p, p, p, p, i, i, i, i, ctypes.c_float, i, i]
@@ -116,7 +118,9 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def _applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu" and q.dim() == 4
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and q.device.type == k.device.type == v.device.type == "cpu"
+            and q.layout == k.layout == v.layout == torch.strided and q.dim() == 4
             and k.dim() == 4 and v.dim() == 4 and q.shape[0] == k.shape[0] == v.shape[0]
             and q.shape[1] == k.shape[1] == v.shape[1] and q.shape[3] == k.shape[3] == v.shape[3]
             and k.shape[2] == v.shape[2] and min(q.shape[2], k.shape[2], q.shape[3]) > 0
