@@ -125,7 +125,9 @@ def _applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.shape[1] == k.shape[1] == v.shape[1] and q.shape[3] == k.shape[3] == v.shape[3]
             and k.shape[2] == v.shape[2] and min(q.shape[2], k.shape[2], q.shape[3]) > 0
             and q.stride(3) == k.stride(3) == v.stride(3) == 1
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)))
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            # a trace or a compiled graph would record torch.empty and not what the C call writes into it
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

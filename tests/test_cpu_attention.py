@@ -138,3 +138,17 @@ def _attend(q, k, v):
     torch.set_num_threads(2)
     with torch.inference_mode():
         return cpu_attention.attention(q, k, v).clone()
+
+
+def test_traced_graphs_record_sdpa():
+    """torch.jit.trace records torch ops only: a traced call must hold SDPA, not an empty tensor the C
+    call filled once."""
+    import warnings
+
+    q, k, v = _qkv(40, 30, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated; tracing is what users may still do
+        traced = torch.jit.trace(cpu_attention.attention, (q, k, v), check_trace=False)
+    q2, k2, v2 = _qkv(40, 30, 16, seed=1)
+    with torch.inference_mode():
+        assert torch.equal(traced(q2, k2, v2), F.scaled_dot_product_attention(q2, k2, v2))
