@@ -142,16 +142,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     def strides(t):
         return (ctypes.c_int64 * 3)(t.stride(0), t.stride(1), t.stride(2))
 
-    args = (q.data_ptr(), strides(q), k.data_ptr(), strides(k), v.data_ptr(), strides(v), out.data_ptr(),
-            strides(out), h, n, k.shape[2], d, ctypes.c_float(d ** -0.5))
-    heads = b * h
-    parts = max(1, min(torch.get_num_threads(), heads))
-    spans = [(i * heads // parts, (i + 1) * heads // parts) for i in range(parts)]
+    qs, ks, vs, os_ = strides(q), strides(k), strides(v), strides(out)
+    heads, m, scale = b * h, k.shape[2], ctypes.c_float(d ** -0.5)
+    threads = max(1, torch.get_num_threads())
+    if heads >= threads:  # whole heads per thread
+        spans = [(0, n, i * heads // threads, (i + 1) * heads // threads) for i in range(threads)]
+    else:  # fewer heads than threads (the VAE's single head): query rows split, each row's math unchanged
+        parts = min(threads, n)
+        spans = [(i * n // parts, (i + 1) * n // parts, 0, heads) for i in range(parts)]
+
+    def run(span):
+        r0, r1, bh0, bh1 = span  # rows [r0, r1) of heads [bh0, bh1); bf16 elements are 2 bytes
+        return fn(q.data_ptr() + 2 * r0 * q.stride(2), qs, k.data_ptr(), ks, v.data_ptr(), vs,
+                  out.data_ptr() + 2 * r0 * out.stride(2), os_, h, r1 - r0, m, d, scale, bh0, bh1)
+
     with torch.profiler.record_function("sdport::attention_bf16"):  # named in profiles like a torch op
-        if parts == 1:
-            codes = [fn(*args, 0, heads)]
-        else:
-            codes = list(_pool().map(lambda s: fn(*args, *s), spans))
+        codes = [run(spans[0])] if len(spans) == 1 else list(_pool().map(run, spans))
     if any(codes):
         raise MemoryError("bf16 attention: the kernel could not allocate its work buffers")
     return out

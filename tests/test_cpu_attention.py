@@ -67,6 +67,27 @@ def test_layouts_and_threads_give_the_same_bits():
 
 
 @native
+@pytest.mark.parametrize("b,h,n", [(1, 1, 301), (1, 1, 1), (2, 1, 57), (1, 3, 40)])
+def test_few_heads_split_rows(b, h, n):
+    """Fewer heads than threads (the VAE's one head): rows are split between threads, same bits as one
+    thread, same error as SDPA."""
+    q, k, v = _qkv(n, 90, 48, b=b, h=h)
+    with torch.inference_mode():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(4)
+        try:
+            split = cpu_attention.attention(q, k, v)
+            torch.set_num_threads(1)
+            one = cpu_attention.attention(q, k, v)
+        finally:
+            torch.set_num_threads(threads)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        sdpa = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(split, one)
+    assert _rel(split, ref) <= 1.1 * _rel(sdpa, ref) + 1e-4
+
+
+@native
 def test_rows_are_independent():
     """Each query row's output depends on that row alone (the UNet's query chunking relies on it)."""
     q, k, v = _qkv(100, 60, 40)
