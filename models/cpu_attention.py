@@ -147,7 +147,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     threads = max(1, torch.get_num_threads())
     if heads >= threads:  # whole heads per thread
         spans = [(0, n, i * heads // threads, (i + 1) * heads // threads) for i in range(threads)]
-    else:  # fewer heads than threads (the VAE's single head): query rows split, each row's math unchanged
+    else:  # fewer heads than threads (batch 1 on a many-core machine): query rows split, same math per row
         parts = min(threads, n)
         spans = [(i * n // parts, (i + 1) * n // parts, 0, heads) for i in range(parts)]
 

@@ -69,8 +69,8 @@ def test_layouts_and_threads_give_the_same_bits():
 @native
 @pytest.mark.parametrize("b,h,n", [(1, 1, 301), (1, 1, 1), (2, 1, 57), (1, 3, 40)])
 def test_few_heads_split_rows(b, h, n):
-    """Fewer heads than threads (the VAE's one head): rows are split between threads, same bits as one
-    thread, same error as SDPA."""
+    """Fewer heads than threads (batch 1 on a many-core machine): rows are split between threads, same
+    bits as one thread, same error as SDPA."""
     q, k, v = _qkv(n, 90, 48, b=b, h=h)
     with torch.inference_mode():
         threads = torch.get_num_threads()
