@@ -4,7 +4,8 @@ the page cache.
     python bench/bench_io.py [--ckpt PATH] [--mib 1024] [--runs 2] [--json OUT]
 
 Checksums (one thread, source in the page cache, `--mib` of it through a memory map): sha256 (the
-layout's digests and the source hash), zlib's CRC-32 and zlib-ng's (the zip entries' check).
+layout's digests and the source hash), zlib's CRC-32 and zlib-ng's (the zip entries' check); median
+of `--runs` after an untimed call.
 Writes (the whole file, read through a memory map, 64 MiB per call, then fsync; wall, user and system
 seconds of this process): plain `pwrite` through the page cache, against models/directio.DataWriter
 (O_DIRECT through a page-aligned buffer where the file system allows it). The output goes next to
@@ -42,7 +43,7 @@ def timed(fn) -> dict:
 def write_file(src: memoryview, out: str, direct: bool) -> dict:
     import numpy as np
 
-    from sdport.models.directio import DataWriter
+    from sdport.models.directio import DataWriter, write_all
 
     with open(out, "wb"):
         pass
@@ -60,10 +61,7 @@ def write_file(src: memoryview, out: str, direct: bool) -> dict:
             fd = os.open(out, os.O_WRONLY)
             try:
                 for off in range(0, len(arr), CALL):
-                    view = src[off:off + CALL]
-                    while view:
-                        n = os.pwrite(fd, view, off)
-                        view, off = view[n:], off + n
+                    write_all(fd, src[off:off + CALL], off)
             finally:
                 os.close(fd)
         fd = os.open(out, os.O_RDONLY)
@@ -91,11 +89,10 @@ def main(argv=None):
     with open(a.ckpt, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         src = memoryview(m)
         part = src[: a.mib << 20]
-        hashlib.sha256(part)  # into the page cache and mapped
         sums = {"sha256": lambda: hashlib.sha256(part).digest(), "crc32-zlib": lambda: zlib.crc32(part),
                 "crc32-zlib-ng": lambda: zlib_ng.crc32(part)}
         for name, fn in sums.items():
-            s = min(timed(fn)["seconds"] for _ in range(a.runs))
+            s = common.median_time(fn, a.runs)  # its untimed first call brings the pages in
             rows.append({"impl": name, "median_s": s, "gb_per_s": len(part) / s / 1e9})
             print(f"{name:<14} {len(part) / s / 1e9:6.2f} GB/s (one thread)", flush=True)
         out = os.path.join(os.path.dirname(os.path.abspath(a.ckpt)), "bench-io.tmp")

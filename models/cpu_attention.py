@@ -133,8 +133,8 @@ def _applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(d)) v for q [B, h, N, d], k/v [B, h, M, d]; the native kernel for CPU bf16
     inputs (any strides, last dim contiguous), torch's SDPA otherwise."""
-    fn = _kernel() if q.dtype == torch.bfloat16 and q.device.type == "cpu" else None
-    if fn is None or not _applies(q, k, v):
+    fn = _kernel() if _applies(q, k, v) else None
+    if fn is None:
         return F.scaled_dot_product_attention(q, k, v)
     b, h, n, d = q.shape
     out = torch.empty(b, n, h, d, dtype=q.dtype).permute(0, 2, 1, 3)  # [B, N, h, d] viewed as [B, h, N, d]

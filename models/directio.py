@@ -1,8 +1,8 @@
 """Dataset bytes to their place in a file, around the page cache where the system allows it.
 
-A buffered write of a 4.3 GB checkpoint's tensors spent 8.8-12.9 s of kernel time here copying into
-the page cache; the same bytes written with O_DIRECT took 0.3-0.4 s of kernel time and 1.2-1.9 s of
-wall time (bench/README.md, "Conversion"). O_DIRECT wants the file offset, the length and the memory
+A buffered write of a 4.3 GB checkpoint spent 2.0-8.6 s of kernel time here (mostly 6.9-8.6 s) on the
+page cache; the same bytes written with O_DIRECT took 0.24-0.31 s of kernel time and 2.6-3.6 s of wall
+time, fsync included (bench/bench_io.py, bench/README.md). O_DIRECT wants the file offset, the length and the memory
 address aligned to the device's block, so each write is split: the unaligned head and tail go through
 an ordinary descriptor, the aligned middle is copied through a page-aligned buffer and written
 directly. Where O_DIRECT is missing (macOS, some file systems) or refused, every byte goes through the
@@ -41,14 +41,14 @@ class DataWriter:
         view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
         try:
             if self.direct_fd is None or len(view) < MIN_DIRECT:
-                _write_all(self.fd, view, offset)
+                write_all(self.fd, view, offset)
                 return
             head = -offset % BLOCK
             body = (len(view) - head) // BLOCK * BLOCK
-            _write_all(self.fd, view[:head], offset)
+            write_all(self.fd, view[:head], offset)
             if not self._write_direct(view[head:head + body], offset + head):
-                _write_all(self.fd, view[head:head + body], offset + head)
-            _write_all(self.fd, view[head + body:], offset + head + body)
+                write_all(self.fd, view[head:head + body], offset + head)
+            write_all(self.fd, view[head + body:], offset + head + body)
         except OSError as e:  # name the file, as h5py's errors do, so the caller reports it as a write error
             raise OSError(e.errno, e.strerror, self.path) from None
 
@@ -63,7 +63,7 @@ class DataWriter:
             n = min(BOUNCE, len(src) - done)
             np.copyto(bounce[:n], src[done:done + n])  # releases the GIL, as pwrite does
             try:
-                _write_all(self.direct_fd, memoryview(self._bounce)[:n], offset + done)
+                write_all(self.direct_fd, memoryview(self._bounce)[:n], offset + done)
             except OSError as e:
                 if e.errno != errno.EINVAL:  # a real write error (ENOSPC, EIO, EFBIG)
                     raise
@@ -83,7 +83,8 @@ class DataWriter:
         os.close(self.fd)
 
 
-def _write_all(fd: int, view: memoryview, offset: int) -> None:
+def write_all(fd: int, view: memoryview, offset: int) -> None:
+    """pwrite until every byte of `view` is at `offset` (a call may write fewer)."""
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
