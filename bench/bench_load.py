@@ -8,6 +8,8 @@
   sdport       models.load.load_model(h5): memory-mapped datasets; on a CPU the UNet's Conv2d/Linear
                modules pack their weights into oneDNN's layout on their first call (models/pack.py)
   sdport-eager load_model(h5) + pack.pack_all: every weight reordered into oneDNN's layout up front
+  sdport-map-each  load_model(h5) with a memory map per dataset, the reader's fallback when one map
+               of the whole file is refused (models/filemap.py)
   sdport-unpacked  load_model(h5, packed=False): memory-mapped, UNet conv weights copied channels-last
   layout-mmap  LayoutReader.state_dict (memory-mapped datasets) + build + load_state_dict(assign): the
                layout read on its own, done exactly as the safetensors row does it
@@ -38,8 +40,13 @@ h5, st, comp, reader, first_call, side = {h5!r}, {st!r}, {comp!r}, {reader!r}, {
 from sdport.models import pack
 from sdport.models.load import load_model, build
 from sdport.models.layout import LayoutReader
+if reader == "sdport-map-each":
+    from sdport.models import filemap
+    def refuse(*args, **kwargs):
+        raise OSError("one map per dataset, for this benchmark")
+    filemap._Whole = refuse
 t0 = time.perf_counter()
-if reader == "sdport":
+if reader in ("sdport", "sdport-map-each"):
     m = load_model(h5, comp)
 elif reader == "sdport-eager":
     m = load_model(h5, comp)
@@ -87,7 +94,7 @@ emit(seconds=seconds, build_s=built, baseline_rss_mib=base, peak_rss_mib=peak, c
      peak_above_baseline_mib=peak - base, checksum=sum(v for _, v in sorted(sums.items())))
 '''
 
-READERS = ("sdport", "sdport-eager", "sdport-unpacked", "layout-mmap", "safetensors", "h5py-read")
+READERS = ("sdport", "sdport-map-each", "sdport-eager", "sdport-unpacked", "layout-mmap", "safetensors", "h5py-read")
 
 
 def safetensors_copy(h5: str, comp: str) -> str:
