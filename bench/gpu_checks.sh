@@ -6,7 +6,8 @@
 #   bash bench/gpu_checks.sh [full|tiny] [cuda|cpu]
 #
 # `tiny cpu` runs the same steps on the bundled-size fixture in about a minute: a rehearsal of the
-# script, not a measurement. Expects `sdport` and the reference packages importable (make setup).
+# script, not a measurement. Expects `sdport` and the reference packages importable (make setup), or,
+# on a machine without a package index, the wheels that bench/gpu_wheels.sh gathers (see there).
 set -euo pipefail
 SIZE=${1:-full}
 DEVICE=${2:-cuda}
