@@ -31,6 +31,7 @@ mkdir -p "$DIR.partial"
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$DIR.partial" "${pins[@]}"
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DIR.partial" .
+rm -rf build  # setuptools' scratch copy of the package, which a later build would start from
 rm -rf "$DIR"
 mv "$DIR.partial" "$DIR"
 ls -1 "$DIR"
