@@ -250,6 +250,8 @@ def _reading(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        if self._closed:  # h5py's own errors on a closed file read as damage or a missing dataset
+            raise SdportError(f"{self.path}: the reader was closed")
         with self.guard("/" + "/".join(map(str, args)) if args else "the root group"):
             return method(self, *args, **kwargs)
 
@@ -311,6 +313,7 @@ class LayoutReader:
         self._groups: dict = {}
         self._datasets: dict = {}
         self._filemap: FileMap | None = None  # copy-on-write views of the datasets (models/filemap.py)
+        self._closed = False
 
     @contextlib.contextmanager
     def guard(self, what: str):
@@ -438,6 +441,10 @@ class LayoutReader:
 
     def close(self):
         self.f.close()
+        self._closed = True
+        # Views already handed out keep their map (and its own descriptor); no new one may be cut
+        # from a descriptor number the system can now give to another file.
+        self._filemap = None
 
     def __enter__(self):
         return self

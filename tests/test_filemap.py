@@ -11,8 +11,10 @@ import threading
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from sdport.models import filemap
+from sdport.models.errors import SdportError
 from sdport.models.filemap import PAGE, FileMap
 from sdport.models.layout import LayoutReader
 
@@ -188,8 +190,13 @@ def test_a_file_read_and_let_go_can_be_opened_for_writing(converted, tmp_path):
     path = tmp_path / "copy.h5"
     shutil.copy(converted["lightning"], path)
     r = LayoutReader(path)
-    ts = [r.tensor("unet", k) for k in r.keys("unet")]
+    keys = r.keys("unet")
+    ts = [r.tensor("unet", k) for k in keys]
     r.close()
+    with LayoutReader(converted["lightning"]) as fresh:  # the tensors outlive their reader
+        assert all(torch.equal(t, fresh.tensor("unet", k)) for k, t in zip(keys, ts))
+    with pytest.raises(SdportError, match="the reader was closed"):  # never a map of a stale descriptor
+        r.tensor("unet", keys[0])
     del r, ts
     with h5py.File(path, "r+") as f:
         f.attrs["touched"] = 1
