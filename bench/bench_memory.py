@@ -182,7 +182,23 @@ def main(argv=None):
     latent = a.latent or (64 if a.size == "full" else 16)
     chunks = parse_chunks(a.chunks)
     h5 = common.h5_for(common.checkpoint_for(a.size))
-    tmp = tempfile.mkdtemp(prefix="sdport-bench-memory-")
+    with tempfile.TemporaryDirectory(prefix="sdport-bench-memory-") as tmp:  # reference outputs for rel_l2
+        results, kernel = measure(a, h5, chunks, latent, tmp)
+    record = {"benchmark": "memory", "settings": vars(a) | {"latent": latent, "h5": h5, "chunks": chunks},
+              "machine": common.machine(), "versions": common.versions(), "results": results,
+              "attention_kernel": kernel}
+    common.write_json(a.json, record)
+    print(f"UNet {a.size} {a.dtype}, batch {a.batch}, {latent}x{latent} latents; one forward per fresh process "
+          f"(first call; the machine may be shared, so read the seconds loosely)")
+    print(unet_table(results))
+    if kernel:
+        print(f"attention kernel alone, {'x'.join(map(str, kernel[0]['shape']))} {a.dtype}")
+        print(kernel_table(kernel))
+    return record
+
+
+def measure(a, h5: str, chunks: list, latent: int, tmp: str) -> tuple[list[dict], list[dict]]:
+    """The UNet rows, then the attention-kernel rows, each from a fresh process."""
     ref = os.path.join(tmp, "unchunked.pt")
 
     results = []
@@ -206,18 +222,7 @@ def main(argv=None):
                                  for k, v in r.items()})
                 print(f"[{kind} chunk {chunk}] peak above inputs {kernel[-1]['peak_above_inputs_mib']:.0f} MiB",
                       file=sys.stderr, flush=True)
-
-    record = {"benchmark": "memory", "settings": vars(a) | {"latent": latent, "h5": h5, "chunks": chunks},
-              "machine": common.machine(), "versions": common.versions(), "results": results,
-              "attention_kernel": kernel}
-    common.write_json(a.json, record)
-    print(f"UNet {a.size} {a.dtype}, batch {a.batch}, {latent}x{latent} latents; one forward per fresh process "
-          f"(first call; the machine may be shared, so read the seconds loosely)")
-    print(unet_table(results))
-    if kernel:
-        print(f"attention kernel alone, {'x'.join(map(str, kernel[0]['shape']))} {a.dtype}")
-        print(kernel_table(kernel))
-    return record
+    return results, kernel
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
     python bench/bench_quant.py [--ckpt /work/bench-data/sd-full.ckpt] [--work DIR] [--latent 32] [--json OUT]
 
+Without `--work` the two .h5 files go to a temporary folder that is removed at the end; with it they are
+kept there and reused by the next run.
+
 Converts the checkpoint's UNet twice (fp32 and `--quantize int8`), loads both through `load_model`, runs
 one forward (batch 1, 4 x latent x latent, t = 500, a 77-token context, seed 0) and prints the parity
 report of int8 against fp32 (parity/quant.py). Also compares per-channel max scaling with percentile
@@ -20,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 from common import FULL_CKPT, current_rss_mib, peak_rss_mib  # noqa: E402
 
 from sdport.convert.convert import convert  # noqa: E402
@@ -62,9 +66,17 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--clip", action="store_true", help="also measure percentile clipping (slow: sorts every row)")
     args = ap.parse_args(argv)
-    work = args.work or tempfile.mkdtemp(prefix="sdport-quant-")
+    if args.work:
+        run(args, args.work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="sdport-quant-") as work:  # two UNets: 4 GB at full size
+            run(args, work)
+
+
+def run(args, work: str) -> None:
     f32, q8 = os.path.join(work, "unet-fp32.h5"), os.path.join(work, "unet-int8.h5")
-    res = {"ckpt": args.ckpt, "latent": args.latent}
+    res = {"benchmark": "quant", "settings": vars(args), "machine": common.machine(), "versions": common.versions(),
+           "ckpt": args.ckpt, "latent": args.latent}
     for path, q in ((f32, None), (q8, "int8")):
         if not os.path.exists(path):
             t0 = time.perf_counter()

@@ -174,12 +174,13 @@ class Worker:
         return r
 
 
-def interleaved(impls: list[str], worker_args: dict[str, list[str]], runs: int, warmup: int = 1) -> tuple[list[dict], dict]:
+def interleaved(impls: list[str], worker_args: dict[str, list[str]], runs: int, outdir: str,
+                warmup: int = 1) -> tuple[list[dict], dict]:
     """Start one worker per impl (one after another), warm each up, then alternate timed calls.
 
-    Returns (results, outputs): records as in the JSON `results` list, and impl -> saved output path.
+    Returns (results, outputs): records as in the JSON `results` list, and impl -> the path of its last
+    output, saved in `outdir`.
     """
-    tmp = tempfile.mkdtemp(prefix="sdport-bench-")
     workers = []
     for impl in impls:
         print(f"[{impl}] loading ...", file=sys.stderr, flush=True)
@@ -199,7 +200,7 @@ def interleaved(impls: list[str], worker_args: dict[str, list[str]], runs: int, 
             print(f"[{w.impl}] run {r + 1}: {s:.2f} s", file=sys.stderr, flush=True)
     results, outputs = [], {}
     for w in workers:
-        outputs[w.impl] = os.path.join(tmp, f"{w.impl}.pt")
+        outputs[w.impl] = os.path.join(outdir, f"{w.impl}.pt")
         end = w.close(outputs[w.impl])
         # The worker's peak covers its whole life (load and every run): one figure, taken at exit.
         results.append(summarise(w.impl, [{"seconds": s} for s in times[w.impl]],

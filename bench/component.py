@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -52,12 +53,13 @@ def run(kind: str, argv=None) -> dict:
     if "sdport" in args:
         args["sdport"] = base + ["--dtype", a.dtype] + (["--chunk", str(a.chunk)] if a.chunk else []) \
             + (["--channels-last"] if a.channels_last else []) + (["--compile"] if a.compile else [])
-    results, outputs = common.interleaved(impls, args, a.runs, a.warmup)
+    with tempfile.TemporaryDirectory(prefix="sdport-bench-") as outdir:  # each impl's output, for agreement
+        results, outputs = common.interleaved(impls, args, a.runs, outdir, a.warmup)
+        agreement = common.agreement(outputs, "ldm" if "ldm" in outputs else "diffusers")
     for r in results:
         r["dtype"] = a.dtype if r["impl"] == "sdport" else a.ref_dtype
     floor = common.UNET_FLOOR_S.get(a.dtype) if kind == "unet" and a.size == "full" and a.device == "cpu" \
         and a.batch == 2 and a.latent == 64 else None
-    ref = "ldm" if "ldm" in outputs else "diffusers"
     record = {
         "benchmark": kind,
         "settings": {k: v for k, v in vars(a).items() if k != "json"} | {"checkpoint": ckpt, "h5": h5},
@@ -65,7 +67,7 @@ def run(kind: str, argv=None) -> dict:
         "versions": common.versions(),
         "results": results,
         "ratios": common.ratios(results),
-        "agreement": common.agreement(outputs, ref),
+        "agreement": agreement,
     }
     if floor:
         record["floor_s"] = floor
