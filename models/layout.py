@@ -54,7 +54,8 @@ VERIFY_IN_FLIGHT = 256 << 20  # bytes handed to verify's hashing threads and not
 
 
 def _one_line(e: BaseException, n: int = 160) -> str:
-    return " ".join(str(e).split())[:n]
+    text = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) quotes its message
+    return " ".join(str(text).split())[:n]
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -353,7 +354,9 @@ class LayoutReader:
         if ds is None:
             try:  # the low-level open: 14 us, against 35-45 for Group.get (638 of them per UNet)
                 oid = h5py.h5o.open(self._group(group).id, key.encode())
-            except KeyError:
+            except KeyError as e:  # absent, or present with a header HDF5 cannot read
+                if key in self._group(group):
+                    raise BadFile(f"{self.path}: damaged HDF5 file, cannot read /{group}/{key} ({_one_line(e)})") from None
                 oid = None
             ds = self._datasets[(group, key)] = h5py.Dataset(oid) if isinstance(oid, h5py.h5d.DatasetID) else key
         if not isinstance(ds, h5py.Dataset):

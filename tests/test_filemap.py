@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sdport.models import filemap
-from sdport.models.errors import SdportError
+from sdport.models.errors import BadFile, LayoutError, SdportError
 from sdport.models.filemap import PAGE, FileMap
 from sdport.models.layout import LayoutReader
 
@@ -202,11 +202,10 @@ def test_a_file_read_and_let_go_can_be_opened_for_writing(converted, tmp_path):
         f.attrs["touched"] = 1
 
 
-def test_datasets_that_share_bytes_never_alias(tmp_path):
-    """A crafted file whose second dataset points into the first: each reads the file's bytes, and a
-    write through one tensor never shows in another, nor in the same dataset read again."""
-    path = tmp_path / "overlap.h5"
-    with h5py.File(path, "w", libver="earliest") as f:  # version-1 object headers: no checksum to mend
+def _two_datasets_with_b_at(path, address) -> None:
+    """A minimal layout file with datasets /unet/a and /unet/b (2048 float32 each), b's data address
+    patched to `address(offset of a, file size)`. Version-1 object headers carry no checksum to mend."""
+    with h5py.File(path, "w", libver="earliest") as f:
         f.attrs["format"] = "sdport"
         f.attrs["layout_version"] = 1
         g = f.create_group("unet")
@@ -217,9 +216,15 @@ def test_datasets_that_share_bytes_never_alias(tmp_path):
         header = h5py.h5o.get_info(f["unet/b"].id).addr
     raw = bytearray(path.read_bytes())
     at = raw.index(struct.pack("<Q", ob), header, header + 512)  # b's layout message: its data address
-    raw[at:at + 8] = struct.pack("<Q", oa + 4096)  # b now starts halfway through a
+    raw[at:at + 8] = struct.pack("<Q", address(oa, len(raw)))
     path.write_bytes(bytes(raw))
 
+
+def test_datasets_that_share_bytes_never_alias(tmp_path):
+    """A crafted file whose second dataset points into the first: each reads the file's bytes, and a
+    write through one tensor never shows in another, nor in the same dataset read again."""
+    path = tmp_path / "overlap.h5"
+    _two_datasets_with_b_at(path, lambda oa, size: oa + 4096)  # b starts halfway through a
     r = LayoutReader(path)
     a, b = r.tensor("unet", "a"), r.tensor("unet", "b")
     np.testing.assert_array_equal(b[:1024].numpy(), np.arange(1024, 2048, dtype="<f4"))
@@ -228,3 +233,15 @@ def test_datasets_that_share_bytes_never_alias(tmp_path):
     assert float(b[1500 - 1024]) == 1500.0 and float(a[1024]) == 1024.0
     again = r.tensor("unet", "a")
     np.testing.assert_array_equal(again.numpy(), np.arange(2048, dtype="<f4"))
+
+
+@pytest.mark.parametrize("address", [lambda oa, size: size - 100, lambda oa, size: 2 ** 62],
+                         ids=["runs-past-the-end", "far-past-the-end"])
+def test_data_address_past_the_end_is_a_damaged_dataset(tmp_path, address):
+    path = tmp_path / "past.h5"
+    _two_datasets_with_b_at(path, address)
+    with LayoutReader(path) as r:
+        with pytest.raises(BadFile, match=r"damaged HDF5 file, cannot read /unet/b \(.*corruption"):
+            r.tensor("unet", "b")
+        with pytest.raises(LayoutError, match="no dataset '/unet/c'"):
+            r.tensor("unet", "c")
