@@ -356,7 +356,8 @@ class LayoutReader:
                 oid = h5py.h5o.open(self._group(group).id, key.encode())
             except KeyError as e:  # absent, or present with a header HDF5 cannot read
                 if key in self._group(group):
-                    raise BadFile(f"{self.path}: damaged HDF5 file, cannot read /{group}/{key} ({_one_line(e)})") from None
+                    raise BadFile(f"{self.path}: damaged HDF5 file, cannot read /{group}/{key} "
+                                  f"({_one_line(e)})") from None
                 oid = None
             ds = self._datasets[(group, key)] = h5py.Dataset(oid) if isinstance(oid, h5py.h5d.DatasetID) else key
         if not isinstance(ds, h5py.Dataset):
