@@ -64,16 +64,13 @@ class FileMap:
             return np.empty(shape, dtype)
         with self._lock:
             mm = self._whole()
-            if mm is None:
-                return own_map(self.fd, offset, dtype, shape)
             i = bisect.bisect_right(self._starts, offset)
-            if (i and self._ends[i - 1] > offset) or (i < len(self._starts) and self._starts[i] < end):
-                clash = True
-            else:
-                clash = False
+            free = (mm is not None and not (i and self._ends[i - 1] > offset)
+                    and not (i < len(self._starts) and self._starts[i] < end))
+            if free:
                 self._starts.insert(i, offset)
                 self._ends.insert(i, end)
-        if clash:
+        if not free:  # no whole-file map, or the range overlaps one already cut from it
             return own_map(self.fd, offset, dtype, shape)
         arr = np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape)
         # The callback runs in whichever thread drops the last reference, possibly inside the locked
