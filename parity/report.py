@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
+
 from .metrics import DEFINITIONS, Tolerance, check, tolerance_from_dict, tolerance_to_dict
 
 ACCUMULATED = "accumulated"
@@ -203,14 +205,29 @@ class Report:
 _NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
+def _plain(x):
+    """A NumPy scalar or array (h5py hands attributes back as such: a dump's seed is a numpy int64) as
+    the Python number or list json and the other writers take; anything else unchanged."""
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    return x
+
+
 def _encode_nonfinite(x):
+    x = _plain(x)
     if isinstance(x, float) and not math.isfinite(x):
         return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
     if isinstance(x, dict):
-        return {k: _encode_nonfinite(v) for k, v in x.items()}
+        return {_plain(k): _encode_nonfinite(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_encode_nonfinite(v) for v in x]
     return x
+
+
+def _json_text(v) -> str:
+    """One value as text for JUnit properties and HTML tables: strings as they are, the rest as strict JSON."""
+    v = _plain(v)
+    return v if isinstance(v, str) else json.dumps(_encode_nonfinite(v), allow_nan=False)
 
 
 def _decode_metrics(m: dict) -> dict:
@@ -229,6 +246,7 @@ def _decode_nonfinite(d: dict) -> dict:
 
 
 def _fmt(v, digits: int = 3) -> str:
+    v = _plain(v)
     if v is None:
         return "-"
     if isinstance(v, int) and not isinstance(v, bool):
@@ -243,6 +261,7 @@ def _fmt(v, digits: int = 3) -> str:
 
 def _fmt_metric(name: str, v) -> str:
     """Like _fmt, but a cosine near 1 is shown as 1-(1-cos): '1' alone would hide the error."""
+    v = _plain(v)
     if name == "cosine" and isinstance(v, float) and math.isfinite(v) and 0.999 <= v < 1.0:
         return f"1-{1.0 - v:.2g}"
     return _fmt(v)
@@ -308,7 +327,7 @@ def junit_xml(report: Report) -> bytes:
     for k, v in [("component", report.component), ("dtype", report.dtype),
                  ("device", report.device), ("modes", "+".join(report.modes)),
                  ("culprit", "none" if cul is None else cul.line())] + \
-            [(f"inputs.{k}", json.dumps(v) if not isinstance(v, str) else v)
+            [(f"inputs.{k}", _json_text(v))
              for k, v in report.inputs.items()] + \
             [(f"versions.{k}", v) for k, v in report.versions.items()]:
         ET.SubElement(props, "property", name=_x(k), value=_x(v))
@@ -337,7 +356,7 @@ _RED = "#d62728"
 
 
 def _e(s) -> str:
-    return html.escape(str(s), quote=True)
+    return html.escape(str(_plain(s)), quote=True)
 
 
 # Height of the chart's row for exact zeros, under the log scale.
@@ -505,7 +524,7 @@ _TABLE_METRICS = ("rel_l2", "cosine", "max_abs", "psnr_db")
 
 
 def _kv_table(d: Mapping) -> str:
-    rows = "".join(f"<tr><th>{_e(k)}</th><td><code>{_e(v if isinstance(v, str) else json.dumps(v))}"
+    rows = "".join(f"<tr><th>{_e(_plain(k))}</th><td><code>{_e(_json_text(v))}"
                    f"</code></td></tr>" for k, v in d.items())
     return f"<table>{rows}</table>"
 

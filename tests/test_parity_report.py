@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import os
 import re
 import xml.etree.ElementTree as ET
 
@@ -349,3 +350,51 @@ def test_summary_text():
     worst = lines[lines.index(next(l for l in lines if l.startswith("worst"))) + 2:]
     assert len(worst) == 2 and worst[0].split()[0] == "4" and worst[1].split()[0] == "3"
     assert summary_text(_report(acc=[0, 0])).splitlines()[1].startswith("PASS")
+
+
+def test_writers_take_numpy_scalars_and_arrays(tmp_path):
+    # h5py gives attributes back as NumPy values (a dump's seed is a numpy int64): every writer takes them.
+    rep = dataclasses.replace(_report(acc=[0, 3e-4]), inputs={
+        "seed": np.int64(7), "scale": np.float32(7.5), "flag": np.bool_(True), "shape": np.array([2, 4, 8, 8]),
+        "nested": {"t": np.int32(981), "bad": np.float64("nan")}})
+    rep.to_json(tmp_path / "r.json")
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["inputs"] == {"seed": 7, "scale": 7.5, "flag": True, "shape": [2, 4, 8, 8],
+                           "nested": {"t": 981, "bad": "nan"}}
+    rep.to_junit(tmp_path / "r.xml")
+    props = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / "r.xml").getroot().iter("property")}
+    assert props["inputs.seed"] == "7" and props["inputs.shape"] == "[2, 4, 8, 8]"
+    rep.to_html(tmp_path / "r.html")
+    text = (tmp_path / "r.html").read_text()
+    assert "seed 7 " in text and "[2, 4, 8, 8]" in text
+    assert "seed 7\n" in summary_text(rep)
+
+
+def test_txt2img_json_takes_numpy(tmp_path):
+    from sdport.parity import txt2img_report
+
+    class Result:
+        def to_dict(self):
+            return {"inputs": {"seed": np.int64(42)}, "steps": [{"t": np.int64(981), "rel_l2": np.float32(0.5)}]}
+
+    txt2img_report.write_json(Result(), tmp_path / "t.json")
+    assert json.loads((tmp_path / "t.json").read_text()) == {"inputs": {"seed": 42},
+                                                              "steps": [{"t": 981, "rel_l2": 0.5}]}
+
+
+def test_cli_compare_writes_every_report_from_the_golden_file(tmp_path):
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+
+    golden = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "fixtures", "golden", "sd-tiny-unet.stats.h5")
+    j, x, h = tmp_path / "r.json", tmp_path / "r.xml", tmp_path / "r.html"
+    r = CliRunner().invoke(main, ["parity", "compare", golden, golden, "--json", str(j), "--junit", str(x),
+                                  "--html", str(h)])
+    assert r.exit_code == 0, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    d = json.loads(j.read_text())
+    assert d["passed"] is True and isinstance(d["inputs"]["seed"], int)
+    assert ET.parse(x).getroot().tag == "testsuites"
+    assert h.read_text().rstrip().endswith("</html>")
