@@ -254,12 +254,19 @@ def tokenize(prompt, prompts_file, as_json):
     click.echo("tokens: " + " ".join(tokens[:body]) + pad)
 
 
+_SPACING_OPTION = click.option(
+    "--spacing", type=click.Choice(["ldm", "linspace", "leading", "trailing"]), default="ldm", show_default=True,
+    help="Which timesteps the steps take: ldm's stride 1000 // steps (CompVis; some counts run more steps, some are "
+         "refused), or diffusers' linspace / leading / trailing (exactly --steps steps).")
+
+
 def _generation_options(fn):
     """Options shared by txt2img, img2img and inpaint."""
     for opt in reversed([
         click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="OUT.png"),
         click.option("--negative", default="", help="Unconditional prompt (default: the empty prompt)."),
         click.option("--steps", type=int, default=50, show_default=True),
+        _SPACING_OPTION,
         click.option("--seed", type=int, default=42, show_default=True),
         click.option("--eta", type=FINITE, default=0.0, show_default=True, help="DDIM noise (0: deterministic)."),
         click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
@@ -299,8 +306,9 @@ def _generate(models, req, mode, run, out, height, width):
 
     from .models import images, pipeline
 
-    for note in models.notes:
-        click.echo(f"note: {note}", err=True)
+    for note in models.notes + [pipeline.steps_note(req, mode)]:
+        if note:
+            click.echo(f"note: {note}", err=True)
     latent = None
     with tqdm(run, total=pipeline.total_steps(req, mode), unit="step", desc=mode, disable=None,
               file=sys.stderr) as bar:
@@ -308,7 +316,10 @@ def _generate(models, req, mode, run, out, height, width):
             pass
     image = pipeline.decode(models, latent)
     images.write_png(image, out, pipeline.png_text(models, req, mode, height, width))
-    click.echo(f"wrote {out}: {width}x{height}, {req.sampler} {req.steps} steps, scale {req.scale}, seed {req.seed}")
+    n = pipeline.total_steps(req, mode)
+    asked = f" of {req.steps} (strength {req.strength})" if mode == "img2img" else (
+        f" (--steps {req.steps}, {req.spacing} spacing)" if n != req.steps else "")
+    click.echo(f"wrote {out}: {width}x{height}, {req.sampler} {n} steps{asked}, scale {req.scale}, seed {req.seed}")
 
 
 @main.command()
@@ -319,14 +330,14 @@ def _generate(models, req, mode, run, out, height, width):
 @click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
 @click.option("--height", type=int, default=512, show_default=True)
 @click.option("--width", type=int, default=512, show_default=True)
-def txt2img(model, prompt, out, negative, steps, seed, eta, dtype, device, low_memory, attention_chunk, force, scale,
-            sampler, height, width):
+def txt2img(model, prompt, out, negative, steps, spacing, seed, eta, dtype, device, low_memory, attention_chunk, force,
+            scale, sampler, height, width):
     """Generate OUT.png from PROMPT with an sdport .h5 (CompVis txt2img defaults: 512x512, 50 PLMS steps)."""
     from .models import pipeline
 
     _check_output(out, force)
     req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
-                           eta=eta, height=height, width=width)
+                           eta=eta, height=height, width=width, spacing=spacing)
     with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory,
                          attention_chunk=attention_chunk) as models:
         _generate(models, req, "txt2img", pipeline.txt2img(models, req), out, height, width)
@@ -343,8 +354,8 @@ def txt2img(model, prompt, out, negative, steps, seed, eta, dtype, device, low_m
               help="Classifier-free guidance scale (5.0 as ldm's img2img).")
 @click.option("--height", type=int, default=None, help="Must equal the init image's (default: its size).")
 @click.option("--width", type=int, default=None, help="Must equal the init image's (default: its size).")
-def img2img(model, prompt, init, strength, out, negative, steps, seed, eta, dtype, device, low_memory, attention_chunk,
-            force, scale, height, width):
+def img2img(model, prompt, init, strength, out, negative, steps, spacing, seed, eta, dtype, device, low_memory,
+            attention_chunk, force, scale, height, width):
     """Change IN.png toward PROMPT (ldm's img2img: encode, noise to the strength's step, DDIM back)."""
     from .models import images, pipeline
 
@@ -353,7 +364,7 @@ def img2img(model, prompt, init, strength, out, negative, steps, seed, eta, dtyp
     _init_size(init, rgb, height, width)
     h, w = rgb.shape[:2]
     req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler="ddim",
-                           eta=eta, height=h, width=w, strength=strength)
+                           eta=eta, height=h, width=w, strength=strength, spacing=spacing)
     with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory,
                          attention_chunk=attention_chunk) as models:
         _generate(models, req, "img2img", pipeline.img2img(models, req, images.to_tensor(rgb)), out, h, w)
@@ -371,8 +382,8 @@ def img2img(model, prompt, init, strength, out, negative, steps, seed, eta, dtyp
 @click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
 @click.option("--height", type=int, default=None, help="Must equal the init image's (default: its size).")
 @click.option("--width", type=int, default=None, help="Must equal the init image's (default: its size).")
-def inpaint(model, prompt, init, mask, out, negative, steps, seed, eta, dtype, device, low_memory, attention_chunk,
-            force, scale, sampler, height, width):
+def inpaint(model, prompt, init, mask, out, negative, steps, spacing, seed, eta, dtype, device, low_memory,
+            attention_chunk, force, scale, sampler, height, width):
     """Repaint part of IN.png, with a plain or a 9-channel inpainting model (PROMPT may be left out)."""
     from .models import images, pipeline
 
@@ -382,7 +393,7 @@ def inpaint(model, prompt, init, mask, out, negative, steps, seed, eta, dtype, d
     repaint = images.green_mask(rgb) if mask is None else images.read_mask(mask)
     h, w = rgb.shape[:2]
     req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
-                           eta=eta, height=h, width=w)
+                           eta=eta, height=h, width=w, spacing=spacing)
     with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory,
                          attention_chunk=attention_chunk) as models:
         run = pipeline.inpaint(models, req, images.to_tensor(rgb), repaint)
@@ -552,8 +563,9 @@ def _layer_steps_option(value):
 @click.option("--prompt", required=True)
 @click.option("--negative", default="", help="Unconditional prompt (default: the empty prompt).")
 @click.option("--steps", type=int, default=50, show_default=True)
+@_SPACING_OPTION
 @click.option("--scale", type=FINITE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--sampler", default="plms", show_default=True, help="plms or ddim.")
+@click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
 @click.option("--eta", type=FINITE, default=0.0, show_default=True, help="DDIM noise (0: deterministic).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the CPU generator for x_T.")
 @click.option("--height", type=int, default=None, help="Image height (default: 512 for SD v1, the model's usual size).")
@@ -572,8 +584,8 @@ def _layer_steps_option(value):
 @click.option("--png", type=click.Path(dir_okay=False), help="Write reference | native | difference here.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False),
               help="Write parity-txt2img.{json,png,html} (and the converted .h5) into this folder.")
-def parity_txt2img(checkpoint, h5, prompt, negative, steps, scale, sampler, eta, seed, height, width, device, dtype,
-                   layer_steps, gate_dtype, tol, image_psnr, json_path, html, png, out_dir):
+def parity_txt2img(checkpoint, h5, prompt, negative, steps, spacing, scale, sampler, eta, seed, height, width, device,
+                   dtype, layer_steps, gate_dtype, tol, image_psnr, json_path, html, png, out_dir):
     """ldm's own sampler against the native pipeline from the same x_T, step by step (free-running and
     teacher-forced), the decoded images, and the UNet layer by layer at chosen steps; exit 1 when a
     gate fails (docs/parity.md)."""
@@ -595,7 +607,7 @@ def parity_txt2img(checkpoint, h5, prompt, negative, steps, scale, sampler, eta,
         json_path = json_path or os.path.join(out_dir, "parity-txt2img.json")
         png = png or os.path.join(out_dir, "parity-txt2img.png")
         html = html or os.path.join(out_dir, "parity-txt2img.html")
-    result = run_txt2img(checkpoint, h5=h5, prompt=prompt, negative=negative, steps=steps, scale=scale,
+    result = run_txt2img(checkpoint, h5=h5, prompt=prompt, negative=negative, steps=steps, spacing=spacing, scale=scale,
                          sampler=sampler, eta=eta, seed=seed, height=height, width=width, device=device, dtype=dtype,
                          layer_steps=_layer_steps_option(layer_steps), gate_dtype=gate_dtype, tolerance=tolerance,
                          image_psnr_db=image_psnr, workdir=out_dir)

@@ -27,6 +27,9 @@ class TextConfig:
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self):
+        _check_tower(self)
+
     @classmethod
     def sd_v1(cls) -> "TextConfig":
         """OpenAI CLIP ViT-L/14 text tower, as SD v1 uses it."""
@@ -49,6 +52,11 @@ class VisionConfig:
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self):
+        _check_tower(self)
+        if not 0 < self.patch_size <= self.image_size:
+            raise ValueError(f"VisionConfig: patch_size {self.patch_size} does not fit image_size {self.image_size}")
+
     @classmethod
     def sd_v1(cls) -> "VisionConfig":
         """OpenAI CLIP ViT-L/14 image tower at 224 px, as SD image variations uses it."""
@@ -65,6 +73,19 @@ class VisionConfig:
     @property
     def positions(self) -> int:
         return self.grid * self.grid + 1  # patches + class token
+
+
+MAX_LAYERS = 256  # transformer blocks in one tower (the largest CLIP towers have 48)
+
+
+def _check_tower(cfg) -> None:
+    name = type(cfg).__name__
+    if cfg.heads < 1 or cfg.hidden % cfg.heads:
+        raise ValueError(f"{name}: hidden {cfg.hidden} is not divisible by heads {cfg.heads}")
+    if not 1 <= cfg.layers <= MAX_LAYERS:
+        raise ValueError(f"{name}: layers {cfg.layers} outside 1..{MAX_LAYERS}")
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"{name}: unknown activation {cfg.activation[:40]!r}; known: {sorted(ACTIVATIONS)}")
 
 
 # ----------------------------------------------------------------------------- shared transformer

@@ -19,3 +19,9 @@ class UnsafeFile(SdportError):
 
 class LayoutError(SdportError):
     """An HDF5 file that does not follow the sdport layout (or a newer version of it)."""
+
+
+def cut(text: str, n: int = 80) -> str:
+    """Quoted file content inside an error line, at most `n` characters (a file can hold megabytes)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n] + "..."

@@ -14,15 +14,15 @@ import json
 import math
 import os
 import re
-import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import h5py
 import numpy as np
 import torch
 
+from . import h5safe
 from .directio import DataWriter
-from .errors import BadFile, LayoutError, SdportError
+from .errors import BadFile, LayoutError, SdportError, cut
 from .filemap import FileMap
 
 FORMAT = "sdport"
@@ -282,10 +282,9 @@ class LayoutReader:
         if os.path.isdir(self.path):
             raise BadFile(f"{self.path}: is a directory, not an sdport .h5 file")
         try:
-            # A FIFO or a device would block HDF5's open() forever.
-            if not stat.S_ISREG(os.stat(self.path).st_mode):
-                raise BadFile(f"{self.path}: not a regular file (a pipe, socket or device)")
-            self.f = h5py.File(self.path, "r")
+            # Regular files only (a FIFO would block HDF5's open() forever); every link checked before
+            # anything is read: no external link, soft link or loop (models/h5safe.py).
+            self.f = h5safe.open_file(self.path, LayoutError)
         except FileNotFoundError:
             raise BadFile(f"{self.path}: no such file") from None
         except OSError as e:
@@ -297,14 +296,14 @@ class LayoutReader:
         except SdportError:
             self.f.close()
             raise
-        if fmt != FORMAT:
+        if not (isinstance(fmt, str) and fmt == FORMAT):
             self.f.close()
-            raise LayoutError(f"{self.path}: not an sdport layout file (root attribute format={fmt!r}, expected {FORMAT!r})")
-        try:
-            version = int(version)
-        except (TypeError, ValueError):
+            raise LayoutError(f"{self.path}: not an sdport layout file (root attribute format={cut(repr(fmt))}, "
+                              f"expected {FORMAT!r})")
+        if isinstance(version, (bool, np.bool_)) or not isinstance(version, (int, np.integer)):
             self.f.close()
-            raise LayoutError(f"{self.path}: root attribute layout_version={version!r} is not an integer") from None
+            raise LayoutError(f"{self.path}: root attribute layout_version={cut(repr(version))} is not an integer")
+        version = int(version)
         if version > LAYOUT_VERSION or version < 1:
             self.f.close()
             raise LayoutError(f"{self.path}: layout version {version}; this sdport reads layout version "
@@ -314,6 +313,7 @@ class LayoutReader:
         self._groups: dict = {}
         self._datasets: dict = {}
         self._filemap: FileMap | None = None  # copy-on-write views of the datasets (models/filemap.py)
+        self._budget = h5safe.InflateBudget(os.fstat(self.f.id.get_vfd_handle()).st_size)
         self._closed = False
 
     @contextlib.contextmanager
@@ -373,10 +373,18 @@ class LayoutReader:
         g = self._group(group)
         if "config" not in g.attrs:
             raise LayoutError(f"{self.path}: group '/{group}' has no 'config' attribute")
+        text = g.attrs["config"]
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        if not isinstance(text, str):
+            raise LayoutError(f"{self.path}: group '/{group}' has a config attribute that is not a JSON string")
         try:
-            return json.loads(g.attrs["config"])
-        except json.JSONDecodeError:
+            cfg = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
             raise LayoutError(f"{self.path}: group '/{group}' has a config attribute that is not JSON") from None
+        if not isinstance(cfg, dict):
+            raise LayoutError(f"{self.path}: group '/{group}' has a config attribute that is not a JSON object")
+        return cfg
 
     @_reading
     def keys(self, group: str) -> list[str]:
@@ -424,20 +432,28 @@ class LayoutReader:
                 fd = self.f.id.get_vfd_handle()
                 self._filemap = FileMap(fd, os.fstat(fd).st_size)
             return self._filemap.view(offset, dtype, shape)
+        # Read through HDF5: only after its storage is checked (nothing outside the file, no filter
+        # plugin, a declared size that the stored bytes can hold).
+        h5safe.check_storage(ds, self.path, ds.name, self._budget)
         return np.asarray(ds[()])
 
     @_reading
-    def tensor(self, group: str, key: str) -> torch.Tensor:
+    def tensor(self, group: str, key: str, shape: tuple | None = None) -> torch.Tensor:
+        """The dataset as a tensor; with `shape`, a dataset of another shape is refused before reading."""
         ds = self.dataset(group, key)
+        if shape is not None and ds.shape != tuple(shape):
+            got = "no dataspace" if ds.shape is None else f"shape {list(ds.shape)}"
+            raise LayoutError(f"{self.path}: /{group}/{key} has {cut(got)}, expected {list(shape)}")
         arr = self._array(ds, group, key)
-        # Only uint16 storage is ambiguous (bfloat16 bits); every other type is its own name.
-        name = _decode(ds.attrs.get("dtype", "uint16")) if arr.dtype == np.uint16 else None
+        # uint16 storage holds bfloat16 bits, and only those (the dataset's dtype attribute says so);
+        # every other type is its own name.
+        if arr.dtype == np.uint16 and not _is(_decode(ds.attrs.get("dtype")), "bfloat16"):
+            raise LayoutError(f"{self.path}: /{group}/{key} is stored as uint16 without the dtype attribute "
+                              f"'bfloat16' (the only use of uint16 in the layout)")
         if arr.ndim == 0:  # 0-d datasets come back as numpy scalars, which torch refuses
             arr = np.array(arr).reshape(())
         t = torch.from_numpy(np.asarray(arr))
-        if name == "bfloat16":
-            t = t.view(torch.bfloat16)
-        return t
+        return t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
 
     @_reading
     def state_dict(self, group: str) -> dict[str, torch.Tensor]:
@@ -457,6 +473,11 @@ class LayoutReader:
         self.close()
 
 
+def _is(v, text: str) -> bool:
+    """Whether an attribute read back is the string `text` (a crafted file can store any type there)."""
+    return isinstance(v, str) and v == text
+
+
 def _decode(v):
     if isinstance(v, bytes):
         v = v.decode()
@@ -465,7 +486,7 @@ def _decode(v):
     if isinstance(v, str) and v[:1] in "[{":
         try:
             return json.loads(v)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             return v
     return v
 
@@ -514,6 +535,9 @@ def verify(path: str, threads: int = 2) -> list[str]:
                     ds = r.f[gname][key]
                     if not isinstance(ds, h5py.Dataset):
                         pending.append((f"{name}: is a {type(ds).__name__}, not a dataset",))
+                        continue
+                    if ds.shape is None:
+                        pending.append((f"{name}: has a null dataspace (no data)",))
                         continue
                     want = _decode(ds.attrs.get("sha256"))
                     if not want:

@@ -84,17 +84,28 @@ def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtyp
         return _load(source, component, device, dtype, packed)
 
 
-def _load(source, component, device, dtype, packed):
-    reader = source if isinstance(source, LayoutReader) else LayoutReader(source)
+def read_config(reader: LayoutReader, component: str):
+    """The component's config from the file, type- and range-checked (LayoutError when it does not fit)."""
     cfg_cls = MODELS[component][0]
     try:
-        cfg = from_dict(cfg_cls, reader.config(component))
+        return from_dict(cfg_cls, reader.config(component))
     except (TypeError, ValueError) as e:
         raise LayoutError(f"{reader.path}: /{component} config does not fit {cfg_cls.__name__} ({e})") from None
+
+
+def expected(reader: LayoutReader, component: str) -> tuple[torch.nn.Module, dict]:
+    """The model the file's config describes, built on the meta device (no memory), with its int8
+    modules swapped in, and {dataset key: meta tensor} of what the file must hold."""
+    cfg = read_config(reader, component)
     with torch.device("meta"):
         model = build(component, cfg)
     _swap_quantized(reader, component, model)
-    want = model.state_dict()
+    return model, model.state_dict()
+
+
+def _load(source, component, device, dtype, packed):
+    reader = source if isinstance(source, LayoutReader) else LayoutReader(source)
+    model, want = expected(reader, component)
     have = set(reader.keys(component))
     missing = [k for k in want if k not in have]
     if missing:
@@ -104,10 +115,10 @@ def _load(source, component, device, dtype, packed):
         raise LayoutError(f"{reader.path}: /{component}/{extra[0]} is not a parameter of the native {component}")
     sd = {}
     for k, meta in want.items():
-        t = reader.tensor(component, k)
-        if tuple(t.shape) != tuple(meta.shape):
-            raise LayoutError(f"{reader.path}: /{component}/{k} has shape {list(t.shape)}, expected {list(meta.shape)}")
-        sd[k] = t
+        t = sd[k] = reader.tensor(component, k, shape=tuple(meta.shape))  # the shape is checked before reading
+        if t.is_floating_point() != meta.is_floating_point() or (not t.is_floating_point() and t.dtype != meta.dtype):
+            raise LayoutError(f"{reader.path}: /{component}/{k} holds {str(t.dtype).removeprefix('torch.')}, "
+                              f"expected {'a floating type' if meta.is_floating_point() else meta.dtype}")
     model.load_state_dict(sd, assign=True)
     del sd  # the model holds the tensors now; packing below must be able to free each plain weight
     if isinstance(dtype, str):

@@ -33,6 +33,7 @@ from .errors import LayoutError, SdportError
 from .layout import SCHEDULE, LayoutReader, file_sha256
 from .load import DTYPES, check_device_dtype, load_model
 from .samplers import (
+    SPACINGS,
     Schedule,
     cfg_denoiser,
     ddim_timesteps,
@@ -65,6 +66,7 @@ class Request:
     seed: int = 42
     sampler: str = "plms"  # plms | ddim (img2img: ddim only, as in ldm)
     eta: float = 0.0  # DDIM only
+    spacing: str = "ldm"  # which timesteps: ldm's uniform stride, or diffusers' linspace | leading | trailing
     height: int = 512
     width: int = 512
     strength: float = 0.75  # img2img only: fraction of the steps re-run from the noised init latent
@@ -261,7 +263,7 @@ def check_request(models: Models, req: Request, mode: str) -> None:
         raise SdportError(f"eta {req.eta}: PLMS is deterministic (eta 0); eta applies to --sampler ddim")
     if req.eta < 0:
         raise SdportError(f"eta {req.eta}: must be >= 0")
-    _timesteps(req.steps, models.schedule.num_timesteps)
+    _timesteps(req.steps, models.schedule.num_timesteps, req.spacing)
     if mode == "img2img":
         t_enc, n = int(req.strength * req.steps), total_steps(req, "txt2img")
         if not 0 < req.strength < 1 or not 1 <= t_enc < n:
@@ -272,17 +274,31 @@ def check_request(models: Models, req: Request, mode: str) -> None:
                           f"channels): use `sdport inpaint`")
 
 
-def _timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+def _timesteps(steps: int, num_train_timesteps: int = 1000, spacing: str = "ldm") -> list[int]:
+    if spacing not in SPACINGS:
+        raise SdportError(f"--spacing {spacing}: choose one of {', '.join(SPACINGS)}")
     try:
-        return ddim_timesteps(steps, num_train_timesteps)
+        return ddim_timesteps(steps, num_train_timesteps, spacing)
     except ValueError as e:  # e.g. 3 steps: stride 333 puts the last timestep at 1000 (ldm fails there too)
-        raise SdportError(f"--steps {steps}: {e}") from None
+        # linspace and trailing take every count in [1, T]; leading every count but T
+        others = [s for s in ("linspace", "leading", "trailing")
+                  if s != spacing and (s != "leading" or steps < num_train_timesteps)]
+        raise SdportError(f"--steps {steps}: {e}; --spacing {'|'.join(others)} runs exactly {steps}") from None
 
 
 def total_steps(req: Request, mode: str = "txt2img") -> int:
-    """How many latents the pipeline yields (ldm's uniform DDIM timesteps: 31 for 30 steps)."""
-    n = len(_timesteps(req.steps))
+    """How many latents the pipeline yields, i.e. sampler steps run (ldm spacing: 31 for 30 steps)."""
+    n = len(_timesteps(req.steps, spacing=req.spacing))
     return int(req.strength * req.steps) if mode == "img2img" else n
+
+
+def steps_note(req: Request, mode: str = "txt2img") -> str | None:
+    """One line when the sampler runs another number of steps than --steps asks (ldm spacing only)."""
+    n = total_steps(req, mode)
+    if mode == "img2img" or n == req.steps:
+        return None
+    return (f"--steps {req.steps} with ldm spacing runs {n} steps (stride 1000 // {req.steps} = {1000 // req.steps}, "
+            f"as CompVis computes it); --spacing linspace|leading|trailing runs exactly {req.steps}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,8 +359,10 @@ def unet_fn(unet: torch.nn.Module, concat: Optional[torch.Tensor] = None):
 
 def _sample(req: Request, denoiser, x_T, schedule, generator, mask=None, x0=None):
     if req.sampler == "plms":
-        return sample_plms(denoiser, x_T, schedule, req.steps, generator=generator, mask=mask, x0=x0)
-    return sample_ddim(denoiser, x_T, schedule, req.steps, eta=req.eta, generator=generator, mask=mask, x0=x0)
+        return sample_plms(denoiser, x_T, schedule, req.steps, generator=generator, mask=mask, x0=x0,
+                           spacing=req.spacing)
+    return sample_ddim(denoiser, x_T, schedule, req.steps, eta=req.eta, generator=generator, mask=mask, x0=x0,
+                       spacing=req.spacing)
 
 
 def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
@@ -382,7 +400,7 @@ def img2img(models: Models, req: Request, init: torch.Tensor) -> Iterator[torch.
     with models.use("unet") as unet:
         denoiser = cfg_denoiser(unet_fn(unet), cond, uncond, req.scale)
         yield from sample_img2img(denoiser, x0, models.schedule, req.steps, req.strength, eta=req.eta,
-                                  generator=gen)
+                                  generator=gen, spacing=req.spacing)
 
 
 def latent_keep_mask(repaint: torch.Tensor, factor: int) -> torch.Tensor:
@@ -452,6 +470,8 @@ def png_text(models: Models, req: Request, mode: str, height: int, width: int) -
         "negative": req.negative,
         "seed": str(req.seed),
         "steps": str(req.steps),
+        "steps_run": str(total_steps(req, mode)),
+        "spacing": req.spacing,
         "sampler": req.sampler,
         "scale": repr(float(req.scale)),
         "size": f"{width}x{height}",

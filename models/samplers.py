@@ -69,9 +69,11 @@ class Schedule:
         s1m = self.sqrt_one_minus_alphas_cumprod.to(x0.device).gather(-1, t).reshape(shape)
         return s * x0 + s1m * noise
 
-    def ddim(self, steps: int, eta: float = 0.0) -> "DDIMSchedule":
-        """The DDIM sub-schedule for `steps` sampling steps (ldm's make_schedule, 'uniform')."""
-        ts = ddim_timesteps(steps, self.num_timesteps)
+    def ddim(self, steps: int, eta: float = 0.0, spacing: str = "ldm") -> "DDIMSchedule":
+        """The DDIM sub-schedule for `steps` sampling steps (ldm's make_schedule; `spacing` picks the
+        timesteps, see ddim_timesteps). Each step goes to the next lower chosen timestep, the last one
+        to alpha-bar[0], as in ldm whatever the spacing."""
+        ts = ddim_timesteps(steps, self.num_timesteps, spacing)
         ac = self.alphas_cumprod
         alphas = ac[ts]  # float32, as ldm keeps it
         # ldm builds alphas_prev with np.asarray([ac[0]] + ac[ts[:-1]].tolist()): float64, except
@@ -133,24 +135,59 @@ def linear_schedule(linear_start: float = 0.00085, linear_end: float = 0.0120, n
     return Schedule.from_alphas_cumprod(ac)
 
 
-def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """ldm's make_ddim_timesteps('uniform'): range(0, T, T // steps) + 1, ascending.
+SPACINGS = ("ldm", "linspace", "leading", "trailing")
 
-    Like ldm, this gives more than `steps` entries when T is not a multiple of steps
-    (30 steps -> stride 33 -> 31 timesteps).
+
+def _spaced(steps: int, T: int, spacing: str) -> list[int]:
+    """The timesteps of one spacing, ascending; the last may lie past the schedule (checked by the caller)."""
+    if spacing == "ldm":
+        # +1: ldm's shift so the last step lands on alpha-bar[1] and the first uses alpha-bar[0] as prev
+        return [t + 1 for t in range(0, T, T // steps)]
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, steps).round()
+    elif spacing == "leading":
+        ts = np.arange(steps) * (T // steps) + 1  # + steps_offset 1, as SD's scheduler config sets it
+    elif spacing == "trailing":
+        # diffusers' expression, so ties at .5 round as there; float error makes np.arange give one entry
+        # too many for some counts (61, 103, ...: a last timestep of -1), which [:steps] drops
+        ts = (np.round(np.arange(T, 0, -T / steps)) - 1)[:steps]
+    else:
+        raise ValueError(f"spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+    return sorted(int(t) for t in ts)
+
+
+def _fits(steps: int, T: int, spacing: str) -> bool:
+    return _spaced(steps, T, spacing)[-1] < T
+
+
+def ddim_timesteps(steps: int, num_train_timesteps: int = 1000, spacing: str = "ldm") -> list[int]:
+    """The sampling timesteps for `steps` steps, ascending.
+
+    ldm: ldm's make_ddim_timesteps('uniform'), range(0, T, T // steps) + 1. Like ldm, this gives more
+    than `steps` entries when T is not a multiple of steps (30 steps -> stride 33 -> 31 timesteps, 150 ->
+    167), and refuses counts whose last timestep would be T or more (3, 333, 501..1000), where ldm fails.
+    linspace, leading, trailing: diffusers' timestep_spacing of the same name (leading with SD's
+    steps_offset of 1); exactly `steps` distinct timesteps for any count in [1, T] (leading: [1, T - 1]).
     """
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
-    stride = num_train_timesteps // steps
-    # +1: ldm's shift so the last step lands on alpha-bar[1] and the first uses alpha-bar[0] as prev
-    ts = [t + 1 for t in range(0, num_train_timesteps, stride)]
+    ts = _spaced(steps, num_train_timesteps, spacing)
     if ts[-1] >= num_train_timesteps:
-        # e.g. 333 steps (stride 3) or > 500 steps (stride 1): ldm fails with an IndexError
+        # e.g. ldm at 333 steps (stride 3) or > 500 steps (stride 1): ldm fails with an IndexError
+        near = nearest_step_counts(steps, num_train_timesteps, spacing)
         raise ValueError(
-            f"{steps} steps put the last DDIM timestep at {ts[-1]}, past the schedule's "
-            f"{num_train_timesteps} timesteps"
+            f"{steps} steps with {spacing} spacing put the last timestep at {ts[-1]}, past the schedule's "
+            f"{num_train_timesteps} timesteps; nearest counts it takes: {' or '.join(map(str, near))}"
         )
     return ts
+
+
+def nearest_step_counts(steps: int, num_train_timesteps: int = 1000, spacing: str = "ldm") -> list[int]:
+    """The nearest step counts below and above `steps` that `spacing` accepts (one or two of them)."""
+    below = next((n for n in range(steps - 1, 0, -1) if _fits(n, num_train_timesteps, spacing)), None)
+    above = next((n for n in range(steps + 1, num_train_timesteps + 1) if _fits(n, num_train_timesteps, spacing)),
+                 None)
+    return [n for n in (below, above) if n is not None]
 
 
 def _np_sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -226,6 +263,7 @@ def sample_ddim(
     mask: Optional[torch.Tensor] = None,
     x0: Optional[torch.Tensor] = None,
     t_start: Optional[int] = None,
+    spacing: str = "ldm",
 ) -> Iterator[torch.Tensor]:
     """DDIM (Song et al. 2020, arXiv:2010.02502), as ldm's DDIMSampler.ddim_sampling / decode.
 
@@ -233,11 +271,11 @@ def sample_ddim(
     mask / x0: before each step the latent becomes q_sample(x0, t) * mask + (1 - mask) * latent,
     so mask == 1 keeps x0 (the known region) and mask == 0 is generated; as in ldm the final
     step's output is yielded unmasked. t_start: run only the first t_start sub-schedule indices
-    (from index t_start - 1 down to 0), as ldm's decode does for img2img.
+    (from index t_start - 1 down to 0), as ldm's decode does for img2img. spacing: see ddim_timesteps.
     """
     _check_mask(mask, x0)
     sched = as_schedule(schedule)
-    ddim = sched.ddim(steps, eta)
+    ddim = sched.ddim(steps, eta, spacing)
     n = len(ddim) if t_start is None else t_start
     if not 1 <= n <= len(ddim):
         raise ValueError(f"t_start must be in [1, {len(ddim)}] for {steps} steps, got {t_start}")
@@ -264,17 +302,18 @@ def sample_plms(
     callback: Callback = None,
     mask: Optional[torch.Tensor] = None,
     x0: Optional[torch.Tensor] = None,
+    spacing: str = "ldm",
 ) -> Iterator[torch.Tensor]:
     """PLMS (Liu et al. 2022, PNDM, arXiv:2202.09778), as ldm's PLMSSampler.plms_sampling.
 
     The first step has no eps history: it takes a DDIM step, evaluates eps there at the next
     timestep and uses the mean of both (pseudo improved Euler, two denoiser calls). Later steps
     combine the current eps with up to 3 previous ones (Adams-Bashforth of order 2, 3, 4).
-    mask / x0 as in sample_ddim (q_sample noise drawn from `generator`).
+    mask / x0 as in sample_ddim (q_sample noise drawn from `generator`); spacing: see ddim_timesteps.
     """
     _check_mask(mask, x0)
     sched = as_schedule(schedule)
-    ddim = sched.ddim(steps, 0.0).to(x_T.device)  # sigma = 0: PLMS is deterministic
+    ddim = sched.ddim(steps, 0.0, spacing).to(x_T.device)  # sigma = 0: PLMS is deterministic
     order = list(reversed(range(len(ddim))))
     x = x_T
     old_eps: list[torch.Tensor] = []
@@ -303,9 +342,9 @@ def sample_plms(
 
 
 def stochastic_encode(x0: torch.Tensor, schedule: Union[Schedule, torch.Tensor], steps: int,
-                      t_enc: int, noise: torch.Tensor) -> torch.Tensor:
+                      t_enc: int, noise: torch.Tensor, spacing: str = "ldm") -> torch.Tensor:
     """Noise x0 to DDIM sub-schedule index t_enc in one jump (ldm's DDIMSampler.stochastic_encode)."""
-    ddim = as_schedule(schedule).ddim(steps)
+    ddim = as_schedule(schedule).ddim(steps, 0.0, spacing)
     if not 0 <= t_enc < len(ddim):
         raise ValueError(f"t_enc must be in [0, {len(ddim) - 1}] for {steps} steps, got {t_enc}")
     shape = (1,) * x0.ndim
@@ -325,6 +364,7 @@ def sample_img2img(
     eta: float = 0.0,
     generator: Optional[torch.Generator] = None,
     callback: Callback = None,
+    spacing: str = "ldm",
 ) -> Iterator[torch.Tensor]:
     """SDEdit (Meng et al. 2021) with DDIM, as ldm's img2img script: encode to int(strength*steps), decode.
 
@@ -332,10 +372,10 @@ def sample_img2img(
     The encoding noise is the first draw from `generator`; step noise (eta > 0) follows.
     """
     t_enc = int(strength * steps)
-    ddim_len = len(ddim_timesteps(steps, as_schedule(schedule).num_timesteps))
+    ddim_len = len(ddim_timesteps(steps, as_schedule(schedule).num_timesteps, spacing))
     if not 1 <= t_enc < ddim_len:
         raise ValueError(
             f"strength {strength} with {steps} steps gives t_enc {t_enc}; need 1 <= t_enc < {ddim_len}"
         )
-    z = stochastic_encode(x0, schedule, steps, t_enc, _randn(x0.shape, generator, x0.device))
-    yield from sample_ddim(denoiser, z, schedule, steps, eta, generator, callback, t_start=t_enc)
+    z = stochastic_encode(x0, schedule, steps, t_enc, _randn(x0.shape, generator, x0.device), spacing)
+    yield from sample_ddim(denoiser, z, schedule, steps, eta, generator, callback, t_start=t_enc, spacing=spacing)

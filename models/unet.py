@@ -37,6 +37,7 @@ GROUPS = 32  # GroupNorm groups everywhere in the UNet
 RES_NORM_EPS = 1e-5  # ResBlocks and norm_out (ldm's GroupNorm32: nn.GroupNorm default eps)
 ATTN_NORM_EPS = 1e-6  # SpatialTransformer.norm (ldm's Normalize: eps 1e-6, no fp32 upcast)
 MAX_PERIOD = 10000.0  # timestep embedding
+MAX_BLOCKS = 1024  # ResBlocks + transformer blocks in one UNet (SD v1: 25 + 16; SDXL: 27 + 140)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,14 @@ class UNetConfig:
     def __post_init__(self):
         if not self.channel_mult:
             raise ValueError("channel_mult is empty")
+        if min(self.channel_mult) < 1 or self.num_res_blocks < 1 or self.num_heads < 1 or self.transformer_depth < 1:
+            raise ValueError("channel_mult entries, num_res_blocks, num_heads and transformer_depth must be >= 1")
+        # Down, mid and up ResBlocks, and the transformer blocks at the attention levels: a file's config
+        # cannot ask the loader to build an unbounded number of modules.
+        blocks = len(self.channel_mult) * (2 * self.num_res_blocks + 1) + 2
+        blocks += (len(set(self.attention_levels)) * (2 * self.num_res_blocks + 1) + 1) * self.transformer_depth
+        if blocks > MAX_BLOCKS:
+            raise ValueError(f"the config asks for {blocks} blocks (at most {MAX_BLOCKS})")
         for c in self.level_channels:
             if c % GROUPS:
                 raise ValueError(f"level width {c} is not divisible by {GROUPS} GroupNorm groups")

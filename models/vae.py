@@ -21,6 +21,7 @@ from torch import nn
 
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
+MAX_BLOCKS = 256  # ResBlocks per half of the VAE (SD v1: 3 per level, 4 levels)
 # The diagonal Gaussian keeps its log-variance in this range (exp stays finite in fp32).
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -39,8 +40,11 @@ class VAEConfig:
         for m in self.ch_mult:
             if (self.ch * m) % NORM_GROUPS:
                 raise ValueError(f"VAEConfig: width {self.ch}*{m} is not a multiple of {NORM_GROUPS} norm groups")
-        if not self.ch_mult or self.num_res_blocks < 1:
-            raise ValueError("VAEConfig: need at least one level and one res block per level")
+        if not self.ch_mult or self.num_res_blocks < 1 or min(self.ch_mult) < 1:
+            raise ValueError("VAEConfig: need at least one level, one res block per level and widths >= 1")
+        if len(self.ch_mult) * (self.num_res_blocks + 1) > MAX_BLOCKS:
+            raise ValueError(f"VAEConfig: {len(self.ch_mult)} levels x {self.num_res_blocks + 1} ResBlocks "
+                             f"is more than {MAX_BLOCKS}")
 
     @classmethod
     def sd_v1(cls) -> "VAEConfig":

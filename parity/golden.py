@@ -13,18 +13,27 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 
 import h5py
 import numpy as np
 import torch
 
-from ..models.errors import SdportError
+from ..models import h5safe
+from ..models.errors import SdportError, cut
 
 FORMAT = "sdport.activations"
 FORMAT_VERSION = 1
 FULL, STATS = "full", "stats"
 SAMPLE_SIZE = 4096  # elements in a stats-only layer's strided sample
+MAX_SAMPLE_SIZE = 1 << 24  # the largest `sample_size` a dump may claim
+MAX_RANK = 8
+# The dtypes an input may name (its `dtype` attribute), by name: never looked up as torch attributes.
+INPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
+_FLOATS = {np.dtype("<f2"), np.dtype("<f4"), np.dtype("<f8")}
+_INTS = {np.dtype("<i4"), np.dtype("<i8")}
 
 
 class GoldenError(SdportError):
@@ -148,47 +157,112 @@ class Entry:
     key: str  # dataset name under /layers
 
 
+def _text(v):
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    if isinstance(v, np.generic):
+        v = v.item()
+    return v
+
+
 class ActivationReader:
+    """Reads a dump; every attribute is type-checked and every dataset's storage checked before its
+    data is read (a dump is a file from someone else: models/h5safe.py, docs/security.md)."""
+
     def __init__(self, path):
         self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            raise GoldenError(f"{self.path}: is a directory, not an activation dump")
         try:
-            self.f = h5py.File(self.path, "r")
+            self.f = h5safe.open_file(self.path, GoldenError)
         except FileNotFoundError:
             raise GoldenError(f"{self.path}: no such file") from None
         except OSError as e:
-            raise GoldenError(f"{self.path}: not a readable HDF5 file ({str(e).splitlines()[0][:100]})") from None
-        fmt = self.f.attrs.get("format")
-        if fmt != FORMAT:
+            raise GoldenError(f"{self.path}: not a readable HDF5 file ({cut(e, 100)})") from None
+        try:
+            self._budget = h5safe.InflateBudget(os.fstat(self.f.id.get_vfd_handle()).st_size)
+            self._open()
+        except GoldenError:
             self.f.close()
-            raise GoldenError(f"{self.path}: not an activation dump (root attribute format={fmt!r}, "
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:  # damaged metadata
+            self.f.close()
+            raise GoldenError(f"{self.path}: damaged activation dump ({cut(e, 100)})") from None
+
+    def _open(self) -> None:
+        fmt = _text(self.f.attrs.get("format"))
+        if not (isinstance(fmt, str) and fmt == FORMAT):
+            raise GoldenError(f"{self.path}: not an activation dump (root attribute format={cut(repr(fmt))}, "
                               f"expected {FORMAT!r})")
-        version = int(self.f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            self.f.close()
-            raise GoldenError(f"{self.path}: activation dump version {version}; this sdport reads {FORMAT_VERSION}")
-        if "layers" not in self.f:
-            self.f.close()
+        version = _text(self.f.attrs.get("format_version", -1))
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise GoldenError(f"{self.path}: activation dump version {cut(repr(version))}; this sdport reads {FORMAT_VERSION}")
+        if not isinstance(self.f.get("layers"), h5py.Group):
             raise GoldenError(f"{self.path}: no /layers group")
-        self.mode = str(self.f.attrs.get("mode", FULL))
+        self.mode = _text(self.f.attrs.get("mode", FULL))
+        if self.mode not in (FULL, STATS):
+            raise GoldenError(f"{self.path}: root attribute mode={cut(repr(self.mode))}, expected {FULL!r} or {STATS!r}")
+        sample_size = _text(self.f.attrs.get("sample_size", SAMPLE_SIZE))
+        if type(sample_size) is not int or not 1 <= sample_size <= MAX_SAMPLE_SIZE:
+            raise GoldenError(f"{self.path}: root attribute sample_size={cut(repr(sample_size))}, "
+                              f"expected an integer in 1..{MAX_SAMPLE_SIZE}")
+        self.sample_size = sample_size
         self.entries: list[Entry] = []
         for i, key in enumerate(self.f["layers"]):
-            a = self.f["layers"][key].attrs
-            try:
-                self.entries.append(Entry(i, str(a["name"]), str(a.get("reference", "")), str(a.get("kind", "")),
-                                          tuple(int(s) for s in a["shape"]), str(a.get("sha256", "")),
-                                          json.loads(a.get("stats", "{}")), int(a.get("stride", 1)), key))
-            except KeyError as e:
-                raise GoldenError(f"{self.path}: /layers/{key} lacks attribute {e}") from None
+            self.entries.append(self._entry(i, key))
         self.by_name = {e.name: e for e in self.entries}
 
+    def _entry(self, i: int, key: str) -> Entry:
+        where = f"{self.path}: /layers/{cut(key, 40)}"
+        ds = self.f["layers"][key]
+        if not isinstance(ds, h5py.Dataset):
+            raise GoldenError(f"{where} is a group, not a dataset")
+        a = ds.attrs
+        if "name" not in a or "shape" not in a:
+            raise GoldenError(f"{where} lacks attribute {'name' if 'name' not in a else 'shape'!r}")
+        name, shape = _text(a["name"]), _text(a["shape"])
+        if not isinstance(name, str):
+            raise GoldenError(f"{where}: attribute name is not a string")
+        if isinstance(shape, str):
+            try:
+                shape = json.loads(shape)
+            except (json.JSONDecodeError, RecursionError):
+                raise GoldenError(f"{where}: attribute shape is not a list of integers") from None
+        shape = shape.tolist() if isinstance(shape, np.ndarray) else shape
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or any(type(n) is not int or n < 0 for n in shape):
+            raise GoldenError(f"{where}: attribute shape is not a list of at most {MAX_RANK} non-negative integers")
+        stride = _text(a.get("stride", 1))
+        if type(stride) is not int or stride < 1:
+            raise GoldenError(f"{where}: attribute stride={cut(repr(stride))} is not a positive integer")
+        raw_stats = _text(a.get("stats", "{}"))
+        try:
+            st = json.loads(raw_stats) if isinstance(raw_stats, str) else None
+        except (json.JSONDecodeError, RecursionError):
+            st = None
+        if not isinstance(st, dict):
+            raise GoldenError(f"{where}: attribute stats is not a JSON object")
+        strs = {k: _text(a.get(k, "")) for k in ("reference", "kind", "sha256")}
+        if not all(isinstance(v, str) for v in strs.values()):
+            raise GoldenError(f"{where}: attributes reference, kind and sha256 must be strings")
+        return Entry(i, name, strs["reference"], strs["kind"], tuple(shape), strs["sha256"], st, stride, key)
+
+    def _read(self, ds: h5py.Dataset, what: str, dtypes: set) -> np.ndarray:
+        """A dataset's data, after its storage and element type are checked."""
+        if ds.id.dtype not in dtypes:
+            raise GoldenError(f"{self.path}: {what} has element type {cut(ds.id.dtype)}, expected one of "
+                              f"{', '.join(sorted(str(d) for d in dtypes))}")
+        try:
+            h5safe.check_storage(ds, self.path, what, self._budget, GoldenError)
+            return np.asarray(ds[()])
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise GoldenError(f"{self.path}: {what}: unreadable ({cut(e, 100)})") from None
+
     def attr(self, key: str, default=None):
-        v = self.f.attrs.get(key, default)
-        if isinstance(v, bytes):
-            v = v.decode()
+        v = _text(self.f.attrs.get(key, default))
         if isinstance(v, str) and v[:1] in "{[":
             try:
                 return json.loads(v)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 return v
         return v
 
@@ -196,26 +270,52 @@ class ActivationReader:
     def attrs(self) -> dict:
         return {k: self.attr(k) for k in self.f.attrs}
 
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{input name: declared shape}, read without touching the data."""
+        g = self.f.get("inputs")
+        if g is None:
+            return {}
+        if not isinstance(g, h5py.Group):
+            raise GoldenError(f"{self.path}: /inputs is not a group")
+        out = {}
+        for name, ds in g.items():
+            if not isinstance(ds, h5py.Dataset) or ds.shape is None:
+                raise GoldenError(f"{self.path}: /inputs/{cut(name, 40)} is not a dataset with data")
+            out[name] = tuple(ds.shape)
+        return out
+
     def inputs(self) -> dict[str, torch.Tensor]:
         out = {}
+        self.input_shapes()  # the group and its members checked
         for name, ds in self.f.get("inputs", {}).items():
-            t = torch.from_numpy(np.array(ds[()]))
-            dtype = ds.attrs.get("dtype", "float32")
-            out[name] = t.to(getattr(torch, str(dtype)))
+            what = f"/inputs/{cut(name, 40)}"
+            dtype = _text(ds.attrs.get("dtype", "float32"))
+            if not isinstance(dtype, str) or dtype not in INPUT_DTYPES:
+                raise GoldenError(f"{self.path}: {what} has dtype attribute {cut(repr(dtype), 40)}; "
+                                  f"expected one of {', '.join(INPUT_DTYPES)}")
+            a = self._read(ds, what, _FLOATS | _INTS)
+            out[name] = torch.from_numpy(np.array(a)).to(INPUT_DTYPES[dtype])
         return out
 
     def full(self, e: Entry) -> torch.Tensor:
         """The whole activation (full dumps only)."""
         if self.mode != FULL:
             raise GoldenError(f"{self.path}: a stats-only dump holds no full tensors")
-        return torch.from_numpy(np.array(self.f["layers"][e.key][()]))
+        ds = self.f["layers"][e.key]
+        if ds.shape != e.shape:
+            raise GoldenError(f"{self.path}: /layers/{e.key} holds shape {cut(ds.shape)}, its attribute says {list(e.shape)}")
+        return torch.from_numpy(np.array(self._read(ds, f"/layers/{e.key}", _FLOATS), dtype=np.float32))
 
     def sample(self, e: Entry) -> np.ndarray:
         """The layer's strided sample (read from the full tensor in a full dump)."""
-        ds = self.f["layers"][e.key]
         if self.mode == FULL:
-            return np.array(ds[()]).reshape(-1)[::e.stride]
-        return np.array(ds[()])
+            return self.full(e).numpy().reshape(-1)[::e.stride]
+        ds = self.f["layers"][e.key]
+        n = math.prod(e.shape)
+        if ds.shape != (-(-n // e.stride),) or e.stride != sample_stride(n, self.sample_size):
+            raise GoldenError(f"{self.path}: /layers/{e.key}: a sample of shape {cut(ds.shape)} and stride {e.stride} "
+                              f"does not fit {n} elements sampled at most {self.sample_size} times")
+        return np.array(self._read(ds, f"/layers/{e.key}", _FLOATS), dtype=np.float32)
 
     def close(self):
         self.f.close()

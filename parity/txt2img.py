@@ -27,11 +27,12 @@ import io
 import os
 import tempfile
 
+import numpy as np
 import torch
 
 from ..models import pipeline as P
 from ..models.errors import SdportError
-from ..models.samplers import cfg_denoiser, sample_ddim, sample_plms
+from ..models.samplers import cfg_denoiser, ddim_timesteps, sample_ddim, sample_plms
 from ..models.tokenizer import default_tokenizer
 from .harness import (ParityError, ParityResult, compare_layers, default_size, deterministic, device_name,
                       dtype_of, ensure_h5, load_reference, resolve_device, to_device)
@@ -169,6 +170,29 @@ class ReferencePipeline:
 
 
 @contextlib.contextmanager
+def spaced_timesteps(timesteps: list[int] | None):
+    """Within the block ldm's samplers take `timesteps` (ascending, as models.samplers.ddim_timesteps
+    gives them) instead of their 'uniform' ones; None: ldm's own. Only the choice of timesteps changes:
+    ldm's make_ddim_sampling_parameters and its step arithmetic stay as they are."""
+    import ldm.models.diffusion.ddim as ldm_ddim
+    import ldm.models.diffusion.plms as ldm_plms
+
+    if timesteps is None:
+        yield
+        return
+    saved = ldm_ddim.make_ddim_timesteps, ldm_plms.make_ddim_timesteps
+
+    def chosen(ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps, verbose=True):
+        return np.asarray(timesteps, dtype=np.int64)
+
+    ldm_ddim.make_ddim_timesteps = ldm_plms.make_ddim_timesteps = chosen
+    try:
+        yield
+    finally:
+        ldm_ddim.make_ddim_timesteps, ldm_plms.make_ddim_timesteps = saved
+
+
+@contextlib.contextmanager
 def seeded_noise(gen: torch.Generator):
     """Within the block ldm's samplers draw their step noise (noise_like: the global RNG, on the device)
     from the CPU generator `gen` instead, one draw per step as the native samplers do."""
@@ -209,8 +233,9 @@ class ReferenceRun:
 @torch.no_grad()
 def run_reference(ref: ReferencePipeline, sampler: str, steps: int, x_T: torch.Tensor, cond: torch.Tensor,
                   uncond: torch.Tensor | None, scale: float, eta: float, gen: torch.Generator,
-                  record_steps=()) -> ReferenceRun:
-    """ldm's sampler.sample(...) from x_T; its per-step function and the UNet calls are observed, not replaced."""
+                  record_steps=(), spacing: str = "ldm") -> ReferenceRun:
+    """ldm's sampler.sample(...) from x_T; its per-step function and the UNet calls are observed, not replaced.
+    spacing other than ldm: the sampler runs on those timesteps (spaced_timesteps)."""
     s = ref.sampler(sampler)
     run = ReferenceRun([], [], [], [], {})
     name = f"p_sample_{sampler}"
@@ -235,7 +260,9 @@ def run_reference(ref: ReferencePipeline, sampler: str, steps: int, x_T: torch.T
     ref.model.on_call = on_call
     quiet = io.StringIO()  # ldm prints shapes and a progress bar
     try:
-        with seeded_noise(gen), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        chosen = None if spacing == "ldm" else ddim_timesteps(steps, ref.model.num_timesteps, spacing)
+        with seeded_noise(gen), spaced_timesteps(chosen), contextlib.redirect_stdout(quiet), \
+                contextlib.redirect_stderr(quiet):
             s.sample(S=steps, batch_size=1, shape=tuple(x_T.shape[1:]), conditioning=cond.to(ref.device),
                      verbose=False, unconditional_guidance_scale=scale, eta=eta, x_T=x_T.to(ref.device),
                      unconditional_conditioning=None if uncond is None else uncond.to(ref.device))
@@ -251,7 +278,7 @@ def run_reference(ref: ReferencePipeline, sampler: str, steps: int, x_T: torch.T
 
 @torch.no_grad()
 def teacher_forced_step(i: int, sampler: str, denoiser, schedule, steps: int, eta: float, x_T: torch.Tensor,
-                        run: ReferenceRun, device) -> tuple[torch.Tensor, float]:
+                        run: ReferenceRun, device, spacing: str = "ldm") -> tuple[torch.Tensor, float]:
     """One native sampler step (models/samplers.py, unchanged) from the reference's state before step i.
     Returns (x~_i on the CPU, max |latent the native step started from - the reference's|).
 
@@ -266,7 +293,8 @@ def teacher_forced_step(i: int, sampler: str, denoiser, schedule, steps: int, et
     start_ref = x_T if i == 0 else run.latents[i - 1]
     if sampler == "ddim":
         gen = torch.Generator().set_state(run.gen_states[i]) if eta > 0 else None
-        it = sample_ddim(denoiser, start_ref.to(device), schedule, steps, eta=eta, generator=gen, t_start=n - i)
+        it = sample_ddim(denoiser, start_ref.to(device), schedule, steps, eta=eta, generator=gen, t_start=n - i,
+                         spacing=spacing)
         return next(iter(it)).float().cpu(), 0.0
     replay = [e for calls in run.eps[:i] for e in calls]
     seen: dict = {"calls": 0}
@@ -279,7 +307,7 @@ def teacher_forced_step(i: int, sampler: str, denoiser, schedule, steps: int, et
         seen.setdefault("start", x.float().cpu())
         return denoiser(x, t)
 
-    for j, x in enumerate(sample_plms(forced, x_T.to(device), schedule, steps)):
+    for j, x in enumerate(sample_plms(forced, x_T.to(device), schedule, steps, spacing=spacing)):
         if j == i:
             return x.float().cpu(), float((seen["start"] - start_ref).abs().max())
     raise AssertionError(f"sample_plms yielded fewer than {i + 1} steps")
@@ -370,7 +398,7 @@ def _layer_steps(layer_steps, n: int) -> list[int]:
 
 @torch.no_grad()
 def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative: str = "", steps: int = 50,
-                scale: float = 7.5, sampler: str = "plms", eta: float = 0.0, seed: int = 42,
+                spacing: str = "ldm", scale: float = 7.5, sampler: str = "plms", eta: float = 0.0, seed: int = 42,
                 height: int | None = None, width: int | None = None, device: str = "cpu", dtype: str = "fp32", layer_steps=None,
                 gate_dtype: str | None = None, tolerance: Tolerance | None = None,
                 image_psnr_db: float | None = None, workdir: str | None = None) -> Txt2ImgResult:
@@ -393,7 +421,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         side = default_size("unet", models.config("unet")) * models.config("decoder").downscale
         height, width = height or side, width or side
         req = P.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
-                        eta=eta, height=height, width=width)
+                        eta=eta, height=height, width=width, spacing=spacing)
         P.check_request(models, req, "txt2img")  # the native pipeline's own checks, before any work
         h, w = P.check_size(models, height, width, "--")
         n = P.total_steps(req)
@@ -415,7 +443,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
 
         gen = torch.Generator().manual_seed(seed)
         x_T = torch.randn((1, ucfg.out_channels, h, w), generator=gen, dtype=torch.float32)  # as the pipeline
-        run = run_reference(ref, sampler, steps, x_T, ref_c, ref_uc, scale, eta, gen, set(chosen))
+        run = run_reference(ref, sampler, steps, x_T, ref_c, ref_uc, scale, eta, gen, set(chosen), spacing)
         free = [x.float().cpu() for x in P.txt2img(models, req)]
         if not len(free) == len(run.latents) == n:
             raise AssertionError(f"step counts differ: native {len(free)}, reference {len(run.latents)}, expected {n}")
@@ -424,7 +452,8 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         with models.use("unet") as unet:
             denoiser = cfg_denoiser(P.unet_fn(unet), ref_c.to(dev), None if ref_uc is None else ref_uc.to(dev), scale)
             for i in range(n):
-                x, dev_start = teacher_forced_step(i, sampler, denoiser, models.schedule, steps, eta, x_T, run, dev)
+                x, dev_start = teacher_forced_step(i, sampler, denoiser, models.schedule, steps, eta, x_T, run, dev,
+                                                   spacing)
                 tf = {**compare(x, run.latents[i]), "start_max_abs": dev_start}
                 records.append({"step": i, "t": run.timesteps[i], FREE: compare(free[i], run.latents[i]),
                                 TEACHER: tf, "failures": check(tf, tol)[1]})
@@ -455,7 +484,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                           "shape": list(x_T.shape)},
                   "token_ids": "native tokenizer, the same ids into both text encoders",
                   "timesteps": run.timesteps}
-        settings = {"sampler": sampler, "steps": steps, "scale": scale, "eta": eta, "height": height,
+        settings = {"sampler": sampler, "steps": steps, "spacing": spacing, "scale": scale, "eta": eta, "height": height,
                     "width": width, "latent_steps": n, "layer_steps": chosen}
         return Txt2ImgResult(inputs, settings, device_name(dev), dtype,
                              {"dtype": gate_dtype, "latent": tol, "image_psnr_db": psnr_min}, records, image,

@@ -26,9 +26,16 @@ PANELS = "reference | native | |native - reference| heatmap"
 # Terminal
 
 
+def steps_text(s: dict) -> str:
+    """The sampler steps run, and what --steps asked where the spacing ran another number (ldm: 150 runs 167)."""
+    n = s.get("latent_steps", s["steps"])
+    return f"{s['sampler']} {n} steps" + (f" (--steps {s['steps']}, {s.get('spacing', 'ldm')} spacing)"
+                                          if n != s["steps"] else "")
+
+
 def summary(result: Txt2ImgResult, worst: int = 3) -> str:
     s, g = result.settings, result.gate
-    out = [f"parity txt2img: {s['sampler']} {s['steps']} steps"
+    out = [f"parity txt2img: {steps_text(s)}"
            + (f" (eta {s['eta']})" if s["sampler"] == "ddim" else "")
            + f", scale {s['scale']}, {s['width']}x{s['height']}, seed {result.inputs['seed']}; native {result.dtype} "
            f"on {result.device} vs reference fp32",
@@ -176,7 +183,7 @@ def _png_data_uri(result: Txt2ImgResult) -> tuple[str, str]:
 def html_page(result: Txt2ImgResult) -> str:
     s = result.settings
     verdict = "PASS" if result.passed else "FAIL"
-    title = f"sdport parity txt2img: {s['sampler']} {s['steps']} steps ({result.dtype}, {result.device})"
+    title = f"sdport parity txt2img: {steps_text(s)} ({result.dtype}, {result.device})"
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
            f'<h1>{_e(title)} <span class="badge {verdict.lower()}">{verdict}</span></h1>',

@@ -222,3 +222,31 @@ def test_non_finite_floats_are_refused(converted, tmp_path):
     # In a real process too: one line on stderr, exit 2, nothing on stdout.
     rc, stdout, err = run_cli("txt2img", model, "x", "--scale", "nan", "-o", out)
     assert (rc, stdout, err) == (2, "", "error: --scale nan: expected a finite number\n")
+
+
+def test_steps_and_spacing_report_the_steps_run(converted, tmp_path):
+    model = converted["lightning"]
+    args = [model, "x", "--height", 16, "--width", 16]
+    # ldm spacing refuses 3 steps: the message names the nearest counts it takes and the option
+    one_line_error(cli("txt2img", *args, "--steps", 3, "-o", tmp_path / "r.png"),
+                   "--steps 3", "nearest counts it takes: 2 or 4", "--spacing linspace|leading|trailing")
+    # the other spacings run exactly the count asked
+    out = tmp_path / "t.png"
+    code, stdout, stderr = cli("txt2img", *args, "--steps", 3, "--spacing", "trailing", "-o", out)
+    assert code == 0, stderr
+    assert "plms 3 steps," in stdout and "note: --steps" not in stderr
+    text = images.read_png_text(out)
+    assert (text["steps"], text["steps_run"], text["spacing"]) == ("3", "3", "trailing")
+    # ldm spacing with 30 steps runs 31 (stride 33): the output says the real count
+    out = tmp_path / "l.png"
+    code, stdout, stderr = cli("txt2img", *args, "--steps", 30, "--sampler", "ddim", "-o", out)
+    assert code == 0, stderr
+    assert "ddim 31 steps (--steps 30, ldm spacing)" in stdout
+    assert "note: --steps 30 with ldm spacing runs 31 steps" in stderr
+    assert images.read_png_text(out)["steps_run"] == "31"
+    # img2img: int(strength * steps) of them
+    init = write_png(tmp_path / "in.png", smooth_rgb(16, 16))
+    code, stdout, stderr = cli("img2img", model, "x", "--init", init, "--steps", 7, "--spacing", "linspace",
+                               "--strength", 0.5, "-o", tmp_path / "i.png")
+    assert code == 0, stderr
+    assert "ddim 3 of 7 steps (strength 0.5)" in stdout

@@ -194,6 +194,60 @@ def test_ddim_timesteps_rejects_bad_steps():
             S.ddim_timesteps(steps)
 
 
+def test_ldm_refusal_names_the_nearest_counts_it_takes():
+    for steps, near in ((3, "2 or 4"), (333, "250 or 334"), (999, "500$")):
+        with pytest.raises(ValueError, match=f"nearest counts it takes: {near}"):
+            S.ddim_timesteps(steps)
+    assert S.nearest_step_counts(3) == [2, 4] and S.nearest_step_counts(1000, spacing="leading") == [999]
+    for n in S.nearest_step_counts(101):
+        S.ddim_timesteps(n)  # both accepted
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_other_spacings_run_exactly_the_steps_asked(spacing):
+    top = 999 if spacing == "leading" else 1000  # leading's steps_offset puts 1000 steps' last at 1000
+    for steps in range(1, top + 1):
+        ts = S.ddim_timesteps(steps, 1000, spacing)
+        assert len(ts) == len(set(ts)) == steps and ts == sorted(ts) and 0 <= ts[0] and ts[-1] <= 999, steps
+    with pytest.raises(ValueError, match="spacing 'uniform'"):
+        S.ddim_timesteps(10, 1000, "uniform")
+
+
+def test_spacings_are_diffusers_timesteps():
+    diffusers = pytest.importorskip("diffusers")
+    for spacing in ("linspace", "leading", "trailing"):
+        sch = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                      steps_offset=1, set_alpha_to_one=False, timestep_spacing=spacing)
+        for steps in (1, 3, 7, 9, 27, 37, 48, 50, 101, 150, 333, 999):
+            sch.set_timesteps(steps)
+            assert S.ddim_timesteps(steps, 1000, spacing) == sorted(sch.timesteps.tolist()), (spacing, steps)
+        # where float error gives diffusers one entry too many (a timestep of -1), the first `steps` agree
+        sch.set_timesteps(61)
+        theirs = sorted(sch.timesteps.tolist())
+        if spacing == "trailing":
+            assert theirs[0] == -1 and S.ddim_timesteps(61, 1000, spacing) == theirs[1:]
+
+
+@pytest.mark.parametrize("sampler", ["plms", "ddim"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_spacings_step_as_ldm_does_on_those_timesteps(sampler, spacing, eps, inputs, schedule, monkeypatch):
+    # ldm's sampler given the same timesteps (its make_ddim_timesteps replaced): same steps, to fp32 rounding
+    steps = 9
+    ts = S.ddim_timesteps(steps, 1000, spacing)
+    module = ldm_plms if sampler == "plms" else ldm_ddim
+    monkeypatch.setattr(module, "make_ddim_timesteps", lambda *a, **k: np.asarray(ts, dtype=np.int64))
+    model = StandIn(eps)
+    ref_sampler = module.PLMSSampler(model) if sampler == "plms" else module.DDIMSampler(model)
+    ref = record(ref_sampler, f"p_sample_{sampler}")
+    ldm_sample(ref_sampler, steps, inputs)
+    denoiser = S.cfg_denoiser(eps, inputs["cond"], inputs["uncond"], SCALE)
+    run = S.sample_plms if sampler == "plms" else S.sample_ddim
+    with torch.no_grad():
+        native, native_x0 = run_native(lambda cb: run(denoiser, inputs["x_T"], schedule, steps, callback=cb,
+                                                      spacing=spacing))
+    assert_steps_match(native, native_x0, ref, steps)
+
+
 # ---------------------------------------------------------------------------------------------
 # Guidance
 # ---------------------------------------------------------------------------------------------
