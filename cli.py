@@ -316,10 +316,10 @@ def _generate(models, req, mode, run, out, height, width):
             pass
     image = pipeline.decode(models, latent)
     images.write_png(image, out, pipeline.png_text(models, req, mode, height, width))
-    n = pipeline.total_steps(req, mode)
-    asked = f" of {req.steps} (strength {req.strength})" if mode == "img2img" else (
-        f" (--steps {req.steps}, {req.spacing} spacing)" if n != req.steps else "")
-    click.echo(f"wrote {out}: {width}x{height}, {req.sampler} {n} steps{asked}, scale {req.scale}, seed {req.seed}")
+    n = pipeline.total_steps(req, mode)  # the steps run: img2img's share, or what the spacing made of --steps
+    steps = f"{n} of {req.steps} steps (strength {req.strength})" if mode == "img2img" else (
+        f"{n} steps" + (f" (--steps {req.steps}, {req.spacing} spacing)" if n != req.steps else ""))
+    click.echo(f"wrote {out}: {width}x{height}, {req.sampler} {steps}, scale {req.scale}, seed {req.seed}")
 
 
 @main.command()

@@ -93,10 +93,10 @@ def test_bf16_fails_the_fp32_gate_with_a_report(variants, converted, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (("--sampler", "euler"), "sampler 'euler': choose plms or ddim"),
     (("--height", "30"), "--height 30 is not a positive multiple of 4"),
     (("--steps", "0"), "--steps 0"),
-    (("--steps", "3"), "--steps 3: 3 steps put the last DDIM timestep at 1000"),
+    (("--steps", "3"), "--steps 3: 3 steps with ldm spacing put the last timestep at 1000"),
+    (("--steps", "3"), "nearest counts it takes: 2 or 4; --spacing linspace|leading|trailing runs exactly 3"),
     (("--eta", "0.5"), "eta 0.5: PLMS is deterministic"),
     (("--layer-steps", "7"), "--layer-steps 7: this run has 5 steps"),
     (("--dtype", "fp8"), "--dtype fp8: expected one of"),
@@ -118,3 +118,27 @@ def test_reference_schedule_follows_the_native_rule(variants):
     buffers, note = reference_schedule(variants["fp16"])
     assert "float16" in note
     assert torch.equal(buffers["alphas_cumprod"], linear_schedule().alphas_cumprod)
+
+
+def test_sampler_is_a_choice(variants, converted):
+    rc, out, err = run_cli("parity", "txt2img", variants["lightning"], "--h5", converted["lightning"], "--prompt", "x",
+                           "--sampler", "euler")
+    assert rc == 2 and "'euler' is not one of 'plms', 'ddim'" in err, err
+
+
+def test_other_spacing_runs_exactly_the_steps_asked_on_both_sides(variants, converted, tmp_path):
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+
+    js = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["parity", "txt2img", variants["lightning"], "--h5", converted["lightning"],
+                                  "--prompt", PROMPT, "--steps", "3", "--spacing", "trailing", "--sampler", "ddim",
+                                  "--height", "16", "--width", "16", "--layer-steps", "none", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert "parity txt2img: ddim 3 steps (eta 0.0)," in r.stdout
+    d = json.loads(js.read_text())
+    assert d["settings"]["spacing"] == "trailing" and d["settings"]["latent_steps"] == 3
+    # diffusers' trailing timesteps, descending; ldm's sampler ran on the same ones
+    assert [s["t"] for s in d["steps"]] == d["inputs"]["timesteps"] == [999, 666, 332]
+    assert all(0 < s["teacher_forced"]["rel_l2"] < 1e-5 for s in d["steps"])
