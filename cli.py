@@ -260,6 +260,22 @@ _SPACING_OPTION = click.option(
          "refused), or diffusers' linspace / leading / trailing (exactly --steps steps).")
 
 
+def _say_if_cut(**texts) -> None:
+    """One line on stderr for each prompt longer than the 75 tokens the text encoder sees (as `tokenize` says)."""
+    from .models.tokenizer import default_tokenizer
+
+    tok = default_tokenizer()
+    for label, text in texts.items():
+        if not text or not tok.framed(text)[1]:
+            continue
+        rec = _token_record(tok, text)
+        cut = rec["dropped_text"]
+        cut = cut if len(cut) <= 60 else cut[:57] + "..."
+        what = "negative prompt" if label == "negative" else label
+        click.echo(f"warning: the {what} has {rec['prompt_tokens']} tokens; the text encoder sees the first 75, "
+                   f"the last {rec['dropped']} are cut: {cut!r}", err=True)
+
+
 def _generation_options(fn):
     """Options shared by txt2img, img2img and inpaint."""
     for opt in reversed([
@@ -309,6 +325,7 @@ def _generate(models, req, mode, run, out, height, width):
     for note in models.notes + [pipeline.steps_note(req, mode)]:
         if note:
             click.echo(f"note: {note}", err=True)
+    _say_if_cut(prompt=req.prompt, negative=req.negative)
     latent = None
     with tqdm(run, total=pipeline.total_steps(req, mode), unit="step", desc=mode, disable=None,
               file=sys.stderr) as bar:
@@ -602,6 +619,7 @@ def parity_txt2img(checkpoint, h5, prompt, negative, steps, spacing, scale, samp
         tolerance = apply_overrides(latent_tolerance(gate_dtype), list(tol))
     except ValueError as e:
         raise SdportError(f"--gate/--tol: {e}") from None
+    _say_if_cut(prompt=prompt, negative=negative)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         json_path = json_path or os.path.join(out_dir, "parity-txt2img.json")

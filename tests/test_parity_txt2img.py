@@ -132,8 +132,9 @@ def test_other_spacing_runs_exactly_the_steps_asked_on_both_sides(variants, conv
     from sdport.cli import main
 
     js = tmp_path / "r.json"
+    long = PROMPT + " in a field" * 30  # 8 + 90 tokens: the last 23 are cut, and the run says so
     r = CliRunner().invoke(main, ["parity", "txt2img", variants["lightning"], "--h5", converted["lightning"],
-                                  "--prompt", PROMPT, "--steps", "3", "--spacing", "trailing", "--sampler", "ddim",
+                                  "--prompt", long, "--steps", "3", "--spacing", "trailing", "--sampler", "ddim",
                                   "--height", "16", "--width", "16", "--layer-steps", "none", "--json", str(js)])
     assert r.exit_code == 0, r.output
     assert "parity txt2img: ddim 3 steps (eta 0.0)," in r.stdout
@@ -142,3 +143,6 @@ def test_other_spacing_runs_exactly_the_steps_asked_on_both_sides(variants, conv
     # diffusers' trailing timesteps, descending; ldm's sampler ran on the same ones
     assert [s["t"] for s in d["steps"]] == d["inputs"]["timesteps"] == [999, 666, 332]
     assert all(0 < s["teacher_forced"]["rel_l2"] < 1e-5 for s in d["steps"])
+    assert [line for line in r.stderr.splitlines() if line.startswith("warning: the prompt")] == [
+        "warning: the prompt has 98 tokens; the text encoder sees the first 75, the last 23 are cut: "
+        "'a field in a field in a field in a field in a field in a ...'"]

@@ -250,3 +250,25 @@ def test_steps_and_spacing_report_the_steps_run(converted, tmp_path):
                                "--strength", 0.5, "-o", tmp_path / "i.png")
     assert code == 0, stderr
     assert "ddim 3 of 7 steps (strength 0.5)" in stdout
+
+
+def test_a_cut_prompt_is_said_in_one_line(converted, tmp_path):
+    long = " ".join(["red"] * 74 + ["green", "blue", "end"])  # 77 tokens: the last 2 are cut
+    code, _, stderr = cli("txt2img", converted["lightning"], long, "--negative", "dull " * 80, "--steps", 2,
+                          "--height", 16, "--width", 16, "-o", tmp_path / "a.png")
+    assert code == 0, stderr
+    cut = [line for line in stderr.splitlines() if line.startswith("warning: the prompt")]
+    assert cut == ["warning: the prompt has 77 tokens; the text encoder sees the first 75, the last 2 are cut: "
+                   "'blue end'"]
+    assert any(line.startswith("warning: the negative prompt has 80 tokens") for line in stderr.splitlines())
+    init = write_png(tmp_path / "in.png", smooth_rgb(16, 16))
+    for cmd in ("img2img", "inpaint"):
+        extra = ["--strength", 0.5] if cmd == "img2img" else ["--mask", init]
+        code, _, stderr = cli(cmd, converted["lightning"], long, "--init", init, "--steps", 2, *extra,
+                              "-o", tmp_path / f"{cmd}.png")
+        assert code == 0, stderr
+        assert "warning: the prompt has 77 tokens" in stderr, cmd
+    # a prompt that fits says nothing
+    code, _, stderr = cli("txt2img", converted["lightning"], "a red cube", "--steps", 2, "--height", 16,
+                          "--width", 16, "-o", tmp_path / "b.png")
+    assert code == 0 and "warning" not in stderr
