@@ -446,6 +446,21 @@ def _tolerance(dtype, tol, tolerances):
         raise SdportError(f"{tolerances}: no such tolerance file") from None
 
 
+def _check_report_paths(**paths) -> None:
+    """Every output path before the run, as convert checks its destination: a missing or read-only folder
+    fails now, not after minutes of work. Existing report files are overwritten."""
+    for opt, path in paths.items():
+        if not path:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise SdportError(f"--{opt} {path}: is a directory")
+        if not os.path.isdir(parent):
+            raise SdportError(f"--{opt} {path}: output directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise SdportError(f"--{opt} {path}: output directory {parent} is not writable")
+
+
 def _finish(result, json_path, junit, html, worst=10):
     """Write the reports, print the summary, exit 1 when the gate fails."""
     from .parity.report import summary_text
@@ -499,6 +514,7 @@ def _component_command(component):
     def cmd(checkpoint, h5, mode, seed, prompt, batch, size, json_path, junit, html, tol, tolerances, dtype, device):
         from .parity.harness import run_parity
 
+        _check_report_paths(json=json_path, junit=junit, html=html)
         modes = ("accumulated", "isolated") if mode == "both" else (mode,)
         result = run_parity(component, checkpoint, h5=h5, modes=modes, device=device, dtype=dtype, seed=seed,
                             prompt=prompt, batch=batch, size=size, tolerance=_tolerance(dtype, tol, tolerances))
@@ -541,6 +557,7 @@ def parity_check(golden_path, h5, checkpoint, json_path, junit, html, tol, toler
     """The native side alone against a golden dump (no reference package needed): --h5 FILE or CHECKPOINT."""
     from .parity.harness import check
 
+    _check_report_paths(json=json_path, junit=junit, html=html)
     result = check(golden_path, h5=h5, checkpoint=checkpoint, device=device, dtype=dtype,
                    tolerance=_tolerance(dtype, tol, tolerances))
     _finish(result, json_path, junit, html)
@@ -560,6 +577,7 @@ def parity_compare(a, b, dtype, tol, tolerances, json_path, junit, html):
     """Compare activation dump A with dump B (the reference), layer by layer, paired by name."""
     from .parity.harness import compare_dumps
 
+    _check_report_paths(json=json_path, junit=junit, html=html)
     _finish(compare_dumps(a, b, dtype=dtype, tolerance=_tolerance(dtype, tol, tolerances)), json_path, junit, html)
 
 
@@ -625,6 +643,9 @@ def parity_txt2img(checkpoint, h5, prompt, negative, steps, spacing, scale, samp
         json_path = json_path or os.path.join(out_dir, "parity-txt2img.json")
         png = png or os.path.join(out_dir, "parity-txt2img.png")
         html = html or os.path.join(out_dir, "parity-txt2img.html")
+    if out_dir and not os.access(out_dir, os.W_OK):  # it also takes the converted .h5
+        raise SdportError(f"--out {out_dir}: folder is not writable")
+    _check_report_paths(json=json_path, png=png, html=html)
     result = run_txt2img(checkpoint, h5=h5, prompt=prompt, negative=negative, steps=steps, spacing=spacing, scale=scale,
                          sampler=sampler, eta=eta, seed=seed, height=height, width=width, device=device, dtype=dtype,
                          layer_steps=_layer_steps_option(layer_steps), gate_dtype=gate_dtype, tolerance=tolerance,

@@ -398,3 +398,16 @@ def test_cli_compare_writes_every_report_from_the_golden_file(tmp_path):
     assert d["passed"] is True and isinstance(d["inputs"]["seed"], int)
     assert ET.parse(x).getroot().tag == "testsuites"
     assert h.read_text().rstrip().endswith("</html>")
+
+
+def test_cli_compare_checks_report_paths_first(tmp_path):
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+
+    golden = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "fixtures", "golden", "sd-tiny-unet.stats.h5")
+    bad = tmp_path / "missing" / "r.xml"
+    r = CliRunner().invoke(main, ["parity", "compare", golden, golden, "--junit", str(bad)])
+    assert r.exit_code == 2 and r.stderr == f"error: --junit {bad}: output directory {bad.parent} does not exist\n"
+    assert "PASS" not in r.stdout  # refused before the comparison ran

@@ -146,3 +146,26 @@ def test_other_spacing_runs_exactly_the_steps_asked_on_both_sides(variants, conv
     assert [line for line in r.stderr.splitlines() if line.startswith("warning: the prompt")] == [
         "warning: the prompt has 98 tokens; the text encoder sees the first 75, the last 23 are cut: "
         "'a field in a field in a field in a field in a field in a ...'"]
+
+
+@pytest.mark.parametrize("option,name", [("--json", "r.json"), ("--png", "r.png"), ("--html", "r.html")])
+def test_output_paths_are_checked_before_the_run(tmp_path, monkeypatch, option, name):
+    from click.testing import CliRunner
+
+    import sdport.parity.txt2img as T
+    from sdport.cli import main
+
+    def ran(*a, **k):
+        raise AssertionError("the run started before the output paths were checked")
+
+    monkeypatch.setattr(T, "run_txt2img", ran)
+    ckpt = str(tmp_path / "any.ckpt")
+    path = tmp_path / "missing" / name
+    r = CliRunner().invoke(main, ["parity", "txt2img", ckpt, "--prompt", "x", option, str(path)])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.exception
+    assert r.stderr == f"error: {option} {path}: output directory {path.parent} does not exist\n"
+    # the folder of --out takes the default names; one that cannot be made is an error before the run too
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = CliRunner().invoke(main, ["parity", "txt2img", ckpt, "--prompt", "x", "--out", str(blocker / "sub")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
