@@ -12,6 +12,7 @@ from . import __version__
 from .models.errors import SdportError
 
 COMPONENT_NAMES = ("unet", "text_model", "vit", "encoder", "decoder")
+EXPORT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # what `export` writes: safetensors, else a zip
 
 
 class _Group(click.Group):
@@ -196,12 +197,18 @@ def convert(src, out, components, dtype, ema, num_heads, strict, force, compress
 @main.command()
 @click.argument("h5", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
-              help="BACK.safetensors (flat) or BACK.ckpt (PyTorch zip).")
+              help="BACK.safetensors (flat) or BACK.ckpt, .pt, .pth, .bin (PyTorch zip); other suffixes are refused.")
 @click.option("--flat", is_flag=True, help="For .ckpt: a flat state dict instead of {'state_dict': ...}.")
 @click.option("--force", is_flag=True, help="Overwrite the destination.")
 def export(h5, out, flat, force):
     """Write an sdport .h5 back under the source key names (CompVis, or the ViT's source format)."""
     from .convert.convert import export as run
+
+    # The format follows the suffix; an unknown one would silently get a PyTorch zip under a misleading name.
+    suffix = os.path.splitext(out)[1]
+    if suffix not in EXPORT_SUFFIXES:
+        raise SdportError(f"{out}: unknown output suffix {suffix or '(none)'!r}; use .safetensors (flat safetensors) "
+                          f"or {'/'.join(s for s in EXPORT_SUFFIXES if s != '.safetensors')} (PyTorch zip)")
 
     counts = run(h5, out, force=force, wrapper="flat" if flat else None)
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -107,6 +107,24 @@ def test_round_trip_bit_exact(variants, converted, tmp_path, variant):
                 assert a.dtype == b.dtype and torch.equal(a, b), k
 
 
+def test_export_format_follows_a_known_suffix(converted, tmp_path):
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+
+    h5 = converted["lightning"]
+    for name in ("back.txt", "back", "back.SAFETENSORS"):
+        r = CliRunner().invoke(main, ["export", h5, "-o", str(tmp_path / name)])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "unknown output suffix" in r.stderr, r.stderr
+        assert ".safetensors" in r.stderr and ".ckpt" in r.stderr
+        assert not (tmp_path / name).exists()
+    for name, container in (("b.safetensors", "safetensors"), ("b.pt", "torch-zip"), ("b.bin", "torch-zip")):
+        r = CliRunner().invoke(main, ["export", h5, "-o", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        with open_checkpoint(str(tmp_path / name)) as back:
+            assert back.container == container
+
+
 def test_layout_attributes(converted, variants):
     with h5py.File(converted["lightning"], "r") as f:
         assert f.attrs["format"] == "sdport" and f.attrs["layout_version"] == 1
