@@ -107,6 +107,8 @@ def inspect(file, as_json):
         click.echo(f"  unsupported: {info['error']}")
     if info.get("unknown_keys"):
         click.echo(f"  {len(info['unknown_keys'])} unknown keys, e.g. {info['unknown_keys'][:3]}")
+    for w in info.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
 
 
 @main.command()
@@ -188,6 +190,8 @@ def convert(src, out, components, dtype, ema, num_heads, strict, force, compress
         click.echo(f"  ignored {n:>4} key(s): {reason}")
     if p.unknown:
         click.echo(f"  {len(p.unknown)} unknown key(s) not converted, e.g. {p.unknown[:3]} (--strict makes this an error)")
+    for w in p.warnings:
+        click.echo(f"  warning: {w}", err=True)
     for key, n in list(s.nonfinite.items())[:10]:
         click.echo(f"  warning: {key} holds {n} NaN/Inf value(s)", err=True)
     if s.nonfinite:

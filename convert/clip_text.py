@@ -14,6 +14,10 @@ from ..models.clip import TextConfig, TextEncoder
 from .table import Block, Row, UnsupportedCheckpoint, invert, shape_of
 
 SOURCE_PREFIX = "cond_stage_model.transformer.text_model."
+# transformers >= 5.6 dropped CLIPTextModel's `text_model` level: the same relative keys then sit directly
+# under the wrapper (`cond_stage_model.transformer.embeddings.*`, `...encoder.layers.*`, `...final_layer_norm.*`),
+# which is what diffusers' conversion script writes from a current transformers model.
+FLAT_PREFIX = "cond_stage_model.transformer."
 
 IGNORED: list[tuple[str, str]] = [
     (r"^embeddings\.position_ids$",

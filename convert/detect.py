@@ -55,6 +55,7 @@ class Plan:
     ignored: dict[str, str] = field(default_factory=dict)  # key -> reason
     unknown: list[str] = field(default_factory=list)
     evidence: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # one line each, for the user
     ema: dict = field(default_factory=dict)
 
     @property
@@ -100,17 +101,20 @@ def _ignored(patterns, rel: str):
 # Probe key (relative to the prefix) that says a component is there.
 PROBES = {"unet": "input_blocks.0.0.weight", "text_model": "embeddings.token_embedding.weight",
           "encoder": "encoder.conv_in.weight", "decoder": "decoder.conv_in.weight"}
-# Where a component's keys sit in a file that holds that component alone: a standalone VAE
-# (`encoder.*`, `decoder.*`, `quant_conv.*` at the root, as the fine-tuned SD VAEs ship), a UNet
-# extracted from a CompVis checkpoint, a transformers CLIPTextModel state dict (`text_model.*`).
-BARE_PREFIX = {"unet": "", "text_model": "text_model.", "encoder": "", "decoder": ""}
+# Where else a component's keys sit, tried in order when the CompVis probe key is absent: a CompVis
+# checkpoint whose text encoder has transformers >= 5.6 names (no `text_model.` level); a file that holds
+# the component alone: a standalone VAE (`encoder.*`, `decoder.*`, `quant_conv.*` at the root, as the
+# fine-tuned SD VAEs ship), a UNet extracted from a CompVis checkpoint, a transformers CLIPTextModel state
+# dict (`text_model.*`). The prefix is stored with the component, so export writes the keys back as they were.
+OTHER_PREFIXES = {"unet": ("",), "text_model": (clip_text.FLAT_PREFIX, "text_model."), "encoder": ("",),
+                  "decoder": ("",)}
 
 
 def _prefix(name: str, compvis: str, infos) -> str:
-    """The CompVis prefix, unless only the standalone layout's probe key is there."""
-    if compvis + PROBES[name] not in infos and BARE_PREFIX[name] + PROBES[name] in infos:
-        return BARE_PREFIX[name]
-    return compvis
+    """The CompVis prefix, unless only another layout's probe key is there."""
+    if compvis + PROBES[name] in infos:
+        return compvis
+    return next((p for p in OTHER_PREFIXES[name] if p + PROBES[name] in infos), compvis)
 
 
 def _specs(infos):
@@ -146,6 +150,7 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
     infos = ckpt.infos
     out = Plan()
     claimed: set[str] = set()
+    found: set[str] = set()  # components present, selected or not
     for name, prefix, fmt, infer, rows_of, ignored in _specs(infos):
         rel = _rel_shapes(infos, prefix)
         use_ema = False
@@ -179,6 +184,7 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
                 raise UnsupportedCheckpoint(f"{ckpt.path}: key '{full}' has shape {list(infos[full].shape)}, expected "
                                             f"{list(shape)} for the inferred {name} config")
         claimed.update(key_of.values())
+        found.add(name)
         if name == "unet":
             out.ema["used"] = use_ema
             out.evidence["unet_in_channels"] = {"key": key_of["input_blocks.0.0.weight"],
@@ -215,6 +221,13 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
                 out.unknown.append(k)
         else:
             out.unknown.append(k)
+    if "unet" in found and found & {"encoder", "decoder"} and "text_model" not in found:
+        # an SD checkpoint without its text encoder converts, but cannot generate from text alone: say so
+        te = [k for k in out.unknown if k.startswith("cond_stage_model.")]
+        out.warnings.append(
+            "no CLIP text encoder found next to the UNet and VAE"
+            + (f" ({len(te)} cond_stage_model.* key(s) in no supported layout, e.g. '{te[0]}')" if te else "")
+            + "; txt2img, img2img and inpaint need one")
     return out
 
 

@@ -13,6 +13,7 @@ PREFIXES = {
     "model.diffusion_model.": "unet",
     "model_ema.": "unet_ema",
     "cond_stage_model.transformer.text_model.": "text_model",
+    "cond_stage_model.transformer.": "text_model",  # transformers >= 5.6 names: no text_model. level
     "cond_stage_model.model.visual.": "vit",
     "visual.": "vit",
     "vision_model.": "vit",
@@ -60,6 +61,7 @@ def inspect_checkpoint(path: str) -> dict:
             info["configs"] = {n: c.config_dict for n, c in p.components.items()}
             info["ignored"] = p.ignored
             info["unknown_keys"] = p.unknown
+            info["warnings"] = p.warnings
         except SdportError as e:
             info["family"], info["variant"] = "unsupported", None
             info["error"] = str(e)

@@ -125,6 +125,69 @@ def test_export_format_follows_a_known_suffix(converted, tmp_path):
             assert back.container == container
 
 
+def _renamed_checkpoint(src, out, rename):
+    """A copy of checkpoint `src` whose keys pass through rename(key) -> new key (None: dropped)."""
+    sd = torch.load(src, map_location="cpu", weights_only=True)["state_dict"]
+    sd = {rename(k): v for k, v in sd.items() if rename(k) is not None}
+    torch.save({"state_dict": sd}, out)
+    return sd
+
+
+def test_text_encoder_with_transformers_5_6_names(variants, converted, tmp_path):
+    # transformers >= 5.6 drops CLIPTextModel's text_model level: cond_stage_model.transformer.encoder.layers.*
+    old = "cond_stage_model.transformer.text_model."
+    src = str(tmp_path / "new-names.ckpt")
+    sd = _renamed_checkpoint(variants["lightning"], src, lambda k: k.replace(old, "cond_stage_model.transformer."))
+    assert "cond_stage_model.transformer.encoder.layers.0.self_attn.q_proj.weight" in sd
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+
+    h5 = tmp_path / "new.h5"
+    r = CliRunner().invoke(main, ["convert", src, "-o", str(h5), "--strict"])
+    assert r.exit_code == 0, r.output
+    assert "/text_model" in r.stdout and "unknown" not in r.stdout and "warning" not in r.stderr
+    with LayoutReader(str(h5)) as a, LayoutReader(converted["lightning"]) as b:
+        assert a.keys("text_model") == b.keys("text_model")
+        assert all(torch.equal(a.tensor("text_model", k), b.tensor("text_model", k)) for k in a.keys("text_model"))
+    # export gives back the names the file came with, bit for bit
+    back = str(tmp_path / "back.safetensors")
+    export(str(h5), back)
+    with open_checkpoint(back) as out:
+        assert set(out.keys()) == set(sd)
+        assert all(torch.equal(out.tensor(k), sd[k]) and out.tensor(k).dtype == sd[k].dtype for k in sd)
+    info = json.loads(CliRunner().invoke(main, ["inspect", src, "--json"]).stdout)
+    assert info["components"]["text_model"] == sum(k.startswith("cond_stage_model.") for k in sd)
+    assert info["unknown_keys"] == [] and info["warnings"] == []
+
+
+@pytest.mark.parametrize("rename,detail", [
+    (lambda k: None if k.startswith("cond_stage_model.") else k, None),
+    (lambda k: k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.clip."), "cond_stage_model.clip."),
+], ids=["absent", "other-layout"])
+def test_no_text_encoder_next_to_unet_and_vae_is_a_warning(variants, tmp_path, rename, detail):
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+
+    src = str(tmp_path / "no-text.ckpt")
+    _renamed_checkpoint(variants["lightning"], src, rename)
+    r = CliRunner().invoke(main, ["convert", src, "-o", str(tmp_path / "o.h5")])
+    assert r.exit_code == 0, r.output
+    warn = [line.strip() for line in r.stderr.splitlines() if "warning:" in line]
+    assert len(warn) == 1 and warn[0].startswith("warning: no CLIP text encoder found next to the UNet and VAE")
+    assert "txt2img, img2img and inpaint need one" in warn[0]
+    assert (detail is None) == ("cond_stage_model" not in warn[0])
+    if detail:
+        assert detail in warn[0]
+    assert "/text_model" not in r.stdout
+    # a VAE alone, or a UNet alone, is a component file: no warning there
+    vae_only = str(tmp_path / "vae.ckpt")
+    _renamed_checkpoint(variants["lightning"], vae_only, lambda k: k if k.startswith("first_stage_model.") else None)
+    r = CliRunner().invoke(main, ["convert", vae_only, "-o", str(tmp_path / "v.h5")])
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.output
+
+
 def test_layout_attributes(converted, variants):
     with h5py.File(converted["lightning"], "r") as f:
         assert f.attrs["format"] == "sdport" and f.attrs["layout_version"] == 1
