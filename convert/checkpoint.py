@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from zlib_ng.zlib_ng import crc32  # the zip entries' CRC-32 at 22-27 GB/s here, zlib's at ~4 (bench/bench_io.py)
 
-from ..models.errors import BadFile, UnsafeFile
+from ..models.errors import BadFile, UnsafeFile, cut
+from . import pickle_scan
 
 # torch's legacy typed-storage classes name the element type of a storage.
 _STORAGE_DTYPES = {
@@ -75,6 +76,9 @@ _MAX_PICKLE = 64 << 20
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError,
                NotImplementedError, RuntimeError, struct.error)
 MAGIC_HDF5 = b"\x89HDF\r\n\x1a\n"
+MAX_ELEMENTS = 1 << 40  # a tensor or storage claiming more elements than this is refused (int64-safe sizes)
+MAX_RANK = 16
+DEFLATE_RATIO = 1032  # deflate's largest expansion: a deflated entry cannot honestly inflate more
 
 
 @dataclass(frozen=True)
@@ -149,15 +153,25 @@ def _script_state_dict(root: ScriptObject, path: str) -> dict:
     return out
 
 
-@dataclass(frozen=True)
-class _StorageRef:
+class _Sealed:
+    """Records the unpickler makes after checking their fields: a BUILD opcode aimed at one would
+    change those fields behind the checks (it writes __dict__ directly), so they have none to write."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError("BUILD aimed at a tensor or storage record")
+
+
+@dataclass(frozen=True, slots=True)
+class _StorageRef(_Sealed):
     key: str
     dtype: torch.dtype
     numel: int
 
 
-@dataclass(frozen=True)
-class LazyTensor:
+@dataclass(frozen=True, slots=True)
+class LazyTensor(_Sealed):
     storage: _StorageRef
     offset: int
     shape: tuple[int, ...]
@@ -171,12 +185,22 @@ class LazyTensor:
 def _rebuild_tensor(storage, offset, size, stride, *rest):
     if not isinstance(storage, _StorageRef):
         raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list)) and type(offset) is int) \
+            or not all(type(v) is int for v in (*size, *stride)):
+        raise pickle.UnpicklingError("tensor size, stride or offset is not made of integers")
+    size, stride = tuple(size), tuple(stride)
+    if len(size) != len(stride) or len(size) > MAX_RANK:
+        raise pickle.UnpicklingError(f"tensor of rank {len(size)} with {len(stride)} strides")
     if any(s < 0 for s in size) or any(s < 0 for s in stride) or offset < 0:
         raise pickle.UnpicklingError("negative tensor size, stride or offset")
-    if math.prod(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel:
-        raise pickle.UnpicklingError(f"tensor view runs past its storage '{storage.key}'")
-    return LazyTensor(storage, int(offset), size, stride)
+    numel = math.prod(size)
+    if numel and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel:
+        raise pickle.UnpicklingError(f"tensor view runs past its storage '{cut(storage.key, 40)}'")
+    # A view holds at most as many elements as its storage: stride 0 would otherwise let a one-element
+    # storage claim a tensor of any size (materialising it would allocate all of them).
+    if numel > max(storage.numel, 0) or numel > MAX_ELEMENTS:
+        raise pickle.UnpicklingError(f"tensor of {numel} elements viewing a storage of {storage.numel}")
+    return LazyTensor(storage, offset, size, stride)
 
 
 def _latin1_bytes(text, encoding="latin1"):
@@ -219,6 +243,7 @@ class _SafeUnpickler(pickle.Unpickler):
     def __init__(self, file, path: str):
         super().__init__(file)
         self.path = path
+        self.storages: dict[str, _StorageRef] = {}
 
     def find_class(self, module, name):
         full = f"{module}.{name}"
@@ -241,9 +266,15 @@ class _SafeUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:60]!r}")
         _, dtype, key, _location, numel = pid
-        if not isinstance(dtype, torch.dtype) or not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+        if not isinstance(dtype, torch.dtype) or not isinstance(key, str) or type(numel) is not int \
+                or not 0 <= numel <= MAX_ELEMENTS:
             raise pickle.UnpicklingError("malformed storage record")
-        return _StorageRef(key, dtype, numel)
+        ref = _StorageRef(key, dtype, numel)
+        seen = self.storages.setdefault(key, ref)
+        if seen != ref:  # one storage read as two element types or sizes
+            raise pickle.UnpicklingError(f"storage '{cut(key, 40)}' is declared twice, as {seen.dtype} x "
+                                         f"{seen.numel} and {dtype} x {numel}")
+        return ref
 
 
 def _find_state_dict(obj, path: str):
@@ -266,15 +297,20 @@ def _find_state_dict(obj, path: str):
     raise BadFile(f"{path}: no state dict found (top-level keys: {sorted(map(str, obj))[:8]})")
 
 
-def _describe(v):
-    if isinstance(v, (int, float, str, bool)) or v is None:
-        return v
+def _describe(v, depth: int = 0):
+    """Checkpoint metadata as plain data for `inspect`: 20 entries per container, 6 levels, 200 characters per string."""
+    if isinstance(v, str):
+        return v[:200]
+    if isinstance(v, (int, float, bool)) or v is None:
+        return v if not isinstance(v, int) or abs(v) < 1 << 63 else str(v)[:40]
     if isinstance(v, Inert):
         return repr(v)
+    if depth >= 6 and isinstance(v, (dict, list, tuple)):
+        return "..."
     if isinstance(v, dict):
-        return {str(k): _describe(x) for k, x in list(v.items())[:20]}
+        return {cut(k, 80): _describe(x, depth + 1) for k, x in list(v.items())[:20]}
     if isinstance(v, (list, tuple)):
-        return [_describe(x) for x in v[:20]]
+        return [_describe(x, depth + 1) for x in v[:20]]
     return type(v).__name__
 
 
@@ -348,7 +384,9 @@ class _ZipReader:
             raise BadFile(f"{self.path}: storage '{name}' is truncated ({len(raw)} of {want} bytes)")
         t = torch.frombuffer(raw, dtype=ref.dtype) if want else torch.empty(0, dtype=ref.dtype)
         if self.big_endian and ref.dtype.itemsize > 1:
-            t = torch.from_numpy(t.numpy().byteswap())
+            # numpy has no bfloat16: swap the bytes of the same-width integer view
+            ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[ref.dtype.itemsize]
+            t = torch.from_numpy(t.view(ints).numpy().byteswap()).view(ref.dtype)
         self._cache = (ref.key, t)
         return t
 
@@ -391,6 +429,23 @@ class _ZipReader:
         self.zf.close()
 
 
+def _check_storages(path: str, zf: zipfile.ZipFile, prefix: str, storages: dict[str, _StorageRef]) -> None:
+    """Every storage the pickle names is an archive entry of exactly its size; a deflated entry can
+    inflate to that size (deflate's bound), so no claim is larger than what the file holds."""
+    entries = {i.filename: i for i in zf.infolist()}
+    for ref in storages.values():
+        name = f"{prefix}data/{ref.key}"
+        info = entries.get(name)
+        want = ref.numel * ref.dtype.itemsize
+        if info is None:
+            raise BadFile(f"{path}: storage '{cut(name, 60)}' is missing from the archive")
+        if info.file_size != want:
+            raise BadFile(f"{path}: storage '{cut(name, 60)}' holds {info.file_size} bytes, expected {want}")
+        if info.compress_type != zipfile.ZIP_STORED and want > DEFLATE_RATIO * info.compress_size + 1024:
+            raise BadFile(f"{path}: storage '{cut(name, 60)}' claims {want} bytes from {info.compress_size} "
+                          f"compressed (more than deflate's {DEFLATE_RATIO}x)")
+
+
 def _open_zip(path: str) -> Checkpoint:
     try:
         zf = zipfile.ZipFile(path)
@@ -404,24 +459,42 @@ def _open_zip(path: str) -> Checkpoint:
     big_endian = False
     if f"{prefix}byteorder" in zf.namelist():
         try:
-            big_endian = zf.read(f"{prefix}byteorder").strip() == b"big"
+            with zf.open(f"{prefix}byteorder") as f:
+                order = f.read(17).strip()  # "little" or "big"; never read a crafted entry whole
         except _ZIP_ERRORS as e:
             zf.close()
-            raise BadFile(f"{path}: cannot read '{prefix}byteorder' ({type(e).__name__}: {str(e)[:120]})") from None
+            raise BadFile(f"{path}: cannot read '{cut(prefix, 40)}byteorder' ({type(e).__name__}: {cut(e, 120)})") from None
+        if order not in (b"little", b"big"):
+            zf.close()
+            raise BadFile(f"{path}: '{cut(prefix, 40)}byteorder' says {cut(order, 20)}, expected little or big")
+        big_endian = order == b"big"
     info = zf.getinfo(pkl[0])
     if info.file_size > _MAX_PICKLE:
         zf.close()
         raise BadFile(f"{path}: data.pkl claims {info.file_size} bytes (at most {_MAX_PICKLE} expected); refusing to inflate it")
     try:
-        data = zf.read(pkl[0])
-        obj = _SafeUnpickler(io.BytesIO(data), path).load()
-    except UnsafeFile:
+        with zf.open(info) as f:
+            data = f.read(_MAX_PICKLE + 1)  # the size the entry claims is not trusted either
+        if len(data) > _MAX_PICKLE:
+            raise BadFile(f"{path}: data.pkl inflates past {_MAX_PICKLE} bytes; refusing it")
+        pickle_scan.scan(data)  # bounds depth, memo and stack before the C unpickler sees the stream
+        unpickler = _SafeUnpickler(io.BytesIO(data), path)
+        obj = unpickler.load()
+    except pickle_scan.PickleBomb as e:
+        zf.close()
+        raise BadFile(f"{path}: data.pkl refused before unpickling: {e}") from None
+    except (UnsafeFile, BadFile):
         zf.close()
         raise
     except (pickle.UnpicklingError, TypeError, AttributeError, IndexError, KeyError, RecursionError,
             MemoryError, *_ZIP_ERRORS) as e:
         zf.close()
-        raise BadFile(f"{path}: corrupt checkpoint pickle ({type(e).__name__}: {str(e)[:120]})") from None
+        raise BadFile(f"{path}: corrupt checkpoint pickle ({type(e).__name__}: {cut(e, 120)})") from None
+    try:
+        _check_storages(path, zf, prefix, unpickler.storages)
+    except BadFile:
+        zf.close()
+        raise
     wrapper, sd, meta = _find_state_dict(obj, path)
     tensors, others = {}, []
     for k, v in sd.items():

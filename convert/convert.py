@@ -16,7 +16,7 @@ import torch
 from .. import __version__
 from ..models import quant
 from ..models.errors import LayoutError, SdportError
-from ..models.layout import SCHEDULE, LayoutReader, LayoutWriter, file_sha256
+from ..models.layout import MAX_SCHEDULE, SCHEDULE, LayoutReader, LayoutWriter, file_sha256
 from .checkpoint import open_checkpoint
 from .detect import LATENT_SCALE_SD_V1, Plan, plan
 from .table import Row, forward, inverse
@@ -159,6 +159,9 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
             if p.schedule:
                 w.group(SCHEDULE, attrs={"latent_scale": LATENT_SCALE_SD_V1})
                 for k in p.schedule:
+                    if ckpt.infos[k].numel > MAX_SCHEDULE:  # checked before reading: nothing else bounds them
+                        raise SdportError(f"{src}: schedule buffer '{k}' claims {ckpt.infos[k].numel} elements "
+                                          f"(at most {MAX_SCHEDULE})")
                     # Schedule buffers keep their dtype: samplers need them exact.
                     w.write(SCHEDULE, k, ckpt.tensor(k), sources=[k])
                     done += 1
@@ -192,6 +195,8 @@ def _ema_differs(ckpt, p: Plan) -> bool | None:
             a, b = cp.prefix + s, ema_key(s)
             if a not in ckpt.infos or b not in ckpt.infos:
                 return None
+            if ckpt.infos[a] != ckpt.infos[b]:  # compared before reading: the EMA copy is not used, nor checked elsewhere
+                return True
             if not torch.equal(ckpt.tensor(a), ckpt.tensor(b)):
                 return True
     return False
@@ -207,8 +212,7 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
     `.safetensors` -> a flat safetensors file; anything else -> a PyTorch zip checkpoint, Lightning-
     wrapped ({"state_dict": ...}) unless `wrapper="flat"`. Returns tensors written per component.
     """
-    from ..models.config import from_dict
-    from ..models.load import MODELS, load_model
+    from ..models.load import load_model, read_config
     from . import clip_text, unet, vae, vit
 
     if not os.path.basename(out):
@@ -239,19 +243,18 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
         for name in r.components():
             load_model(r, name, device="meta")  # names a missing, extra or misshapen dataset before anything is written
             ga = r.group_attrs(name)
-            try:
-                cfg = from_dict(MODELS[name][0], r.config(name))
-            except (TypeError, ValueError) as e:
-                raise LayoutError(f"{h5}: /{name} config does not fit {MODELS[name][0].__name__} ({e})") from None
-            prefix = ga.get("source_prefix", "")
-            rows: list[Row] = rows_of[name](cfg, ga.get("source_format", "compvis"))
+            cfg = read_config(r, name)
+            prefix, fmt = ga.get("source_prefix", ""), ga.get("source_format", "compvis")
+            if not (isinstance(prefix, str) and isinstance(fmt, str)):
+                raise LayoutError(f"{h5}: /{name} attributes source_prefix and source_format must be strings")
+            rows: list[Row] = rows_of[name](cfg, fmt)
             for row in rows:
                 for k, t in inverse(row, r.tensor(name, row.native).clone()).items():
                     sd[prefix + k] = t
             counts[name] = len(rows)
         if r.has(SCHEDULE):
             for k in r.keys(SCHEDULE):
-                sd[k] = r.tensor(SCHEDULE, k).clone()
+                sd[k] = r.schedule_tensor(k).clone()
             counts[SCHEDULE] = len(r.keys(SCHEDULE))
     partial = out + ".partial"
     try:

@@ -29,6 +29,7 @@ FORMAT = "sdport"
 LAYOUT_VERSION = 1
 COMPONENTS = ("unet", "text_model", "vit", "encoder", "decoder")
 SCHEDULE = "schedule"
+MAX_SCHEDULE = 10_000  # elements of a noise-schedule buffer (SD: 1,000 timesteps)
 
 # torch dtype <-> (numpy storage dtype, name recorded in the dataset's `dtype` attribute).
 # bfloat16 has no HDF5 type: its bits are stored as uint16 and the attribute says "bfloat16".
@@ -454,6 +455,26 @@ class LayoutReader:
             arr = np.array(arr).reshape(())
         t = torch.from_numpy(np.asarray(arr))
         return t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
+
+    @_reading
+    def schedule_tensor(self, key: str) -> torch.Tensor:
+        """A /schedule buffer: 1-D, at most MAX_SCHEDULE finite floats (checked before and after reading)."""
+        ds = self.dataset(SCHEDULE, key)
+        if ds.shape is None or len(ds.shape) != 1 or not 1 <= ds.shape[0] <= MAX_SCHEDULE:
+            raise LayoutError(f"{self.path}: /{SCHEDULE}/{key} has shape {cut(ds.shape)}; a schedule buffer is "
+                              f"1-D with at most {MAX_SCHEDULE} elements")
+        t = self.tensor(SCHEDULE, key)
+        if not t.is_floating_point() or not torch.isfinite(t.float()).all():
+            raise LayoutError(f"{self.path}: /{SCHEDULE}/{key} is not made of finite floating-point numbers")
+        return t
+
+    @_reading
+    def latent_scale(self, default: float) -> float:
+        """The /schedule group's latent_scale attribute (`default` when absent): a positive finite number."""
+        v = _decode(self._group(SCHEDULE).attrs.get("latent_scale", default))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+            raise LayoutError(f"{self.path}: /{SCHEDULE} attribute latent_scale={cut(repr(v))} is not a positive number")
+        return float(v)
 
     @_reading
     def state_dict(self, group: str) -> dict[str, torch.Tensor]:

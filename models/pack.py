@@ -26,7 +26,22 @@ from torch import nn
 # Small convolutions stay plain: the UNet's conv_in / conv_out touch the latent, the UNet reads its
 # compute dtype from conv_in, and packing a few KiB gains nothing.
 MIN_CHANNELS = 16
-DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _bf16_reorders() -> bool:
+    """oneDNN's bf16 weight reorder needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT; without them a bf16
+    model runs with plain weights (torch's own bf16 kernels) instead of failing at its first call."""
+    is_avx512 = getattr(torch.cpu, "_is_avx512_supported", None)
+    if is_avx512 is not None and is_avx512():
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx_ne_convert" in line for line in f)
+    except OSError:
+        return False
+
+
+DTYPES = (torch.float32, torch.bfloat16) if _bf16_reorders() else (torch.float32,)
 # A shape hint for oneDNN's choice of weight layout; any input shape runs correctly with it, and
 # the choice barely depends on it (measured within noise from 8x8 to 64x64).
 _CONV_HINT_SIDE = 64

@@ -27,11 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from .clip import TextConfig
-from .config import from_dict
 from .errors import LayoutError, SdportError
 from .layout import SCHEDULE, LayoutReader, file_sha256
-from .load import DTYPES, check_device_dtype, load_model
+from .load import DTYPES, check_device_dtype, load_model, read_config
 from .samplers import (
     SPACINGS,
     Schedule,
@@ -43,8 +41,6 @@ from .samplers import (
     sample_plms,
 )
 from .tokenizer import default_tokenizer
-from .unet import UNetConfig
-from .vae import VAEConfig
 
 LATENT_SCALE_SD_V1 = 0.18215
 SAMPLERS = ("plms", "ddim")
@@ -118,11 +114,7 @@ class Models:
                               f"(the file holds: {', '.join(self.reader.components()) or 'none'})")
 
     def config(self, component: str):
-        cls = {"unet": UNetConfig, "text_model": TextConfig, "encoder": VAEConfig, "decoder": VAEConfig}[component]
-        try:
-            return from_dict(cls, self.reader.config(component))
-        except (TypeError, ValueError) as e:
-            raise LayoutError(f"{self.path}: /{component} config does not fit {cls.__name__} ({e})") from None
+        return read_config(self.reader, component)
 
     @contextlib.contextmanager
     def use(self, component: str) -> Iterator[torch.nn.Module]:
@@ -184,19 +176,16 @@ def read_schedule(reader: LayoutReader, notes: list[str]) -> tuple[Schedule, flo
         notes.append(f"{reader.path}: no /schedule group; using SD v1's linear schedule and latent scale "
                      f"{LATENT_SCALE_SD_V1}")
         return linear_schedule(), LATENT_SCALE_SD_V1
-    attrs = reader.f[SCHEDULE].attrs
-    if "latent_scale" in attrs:
-        scale = float(attrs["latent_scale"])
-    else:
-        scale = LATENT_SCALE_SD_V1
+    scale = reader.latent_scale(LATENT_SCALE_SD_V1)
+    if "latent_scale" not in reader.group_attrs(SCHEDULE):
         notes.append(f"{reader.path}: /schedule has no latent_scale attribute; using SD v1's {scale}")
     keys = set(reader.keys(SCHEDULE))
     if "alphas_cumprod" not in keys:
         notes.append(f"{reader.path}: /schedule has no alphas_cumprod; using SD v1's linear schedule")
         return linear_schedule(), scale
-    ac = reader.tensor(SCHEDULE, "alphas_cumprod")
+    ac = reader.schedule_tensor("alphas_cumprod")
     if ac.dtype in (torch.float32, torch.float64):
-        roots = [reader.tensor(SCHEDULE, k) if k in keys else None
+        roots = [reader.schedule_tensor(k) if k in keys else None
                  for k in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")]
         roots = [r if r is not None and r.dtype in (torch.float32, torch.float64) else None for r in roots]
         return Schedule.from_alphas_cumprod(ac, *roots), scale

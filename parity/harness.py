@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.errors import SdportError
+from ..models.errors import SdportError, cut
 from ..models.load import DTYPES, load_model
 from ..models.layout import LayoutReader
 from . import golden
@@ -87,6 +87,46 @@ def default_size(component: str, cfg) -> int:
     if component == "vit":
         return cfg.image_size
     return cfg.max_positions
+
+
+MAX_INPUT_BATCH = 16  # a dump's inputs: at most this batch and twice the drawn size along each side
+
+
+def input_shapes(component: str, cfg, batch: int, side: tuple[int, ...]) -> dict[str, tuple]:
+    """The shape of each model input at `batch` and spatial size `side` ((H, W), or (L,) for tokens)."""
+    if component == "unet":
+        return {"x": (batch, cfg.in_channels, *side), "t": (batch,), "context": (batch, 77, cfg.context_dim)}
+    if component == "text_model":
+        return {"ids": (batch, *side)}
+    if component == "encoder":
+        return {"image": (batch, cfg.in_channels, *side)}
+    if component == "decoder":
+        return {"latent": (batch, cfg.embed_dim, *side)}
+    return {"pixels": (batch, 3, cfg.image_size, cfg.image_size)}
+
+
+def check_input_shapes(component: str, cfg, shapes: dict[str, tuple], path: str) -> None:
+    """Refuse (before reading them) inputs that the model does not take or that are far larger than
+    the inputs parity draws: batch <= MAX_INPUT_BATCH, each spatial side <= 2x the drawn size."""
+    first = next(iter(shapes.values()), ())
+    batch = first[0] if first else 0
+    side = tuple(first[2:]) if component != "text_model" else tuple(first[1:])
+    want = input_shapes(component, cfg, batch, side)
+    if set(shapes) != set(want):
+        raise ParityError(f"{path}: inputs {sorted(map(cut, shapes))}; the {component} takes {sorted(want)}")
+    for name, shape in want.items():
+        fixed = [i for i in range(len(shape)) if not (component == "unet" and name == "context" and i == 1)]
+        got = shapes[name]
+        if len(got) != len(shape) or any(got[i] != shape[i] for i in fixed):
+            raise ParityError(f"{path}: input {name} has shape {cut(list(got))}, the {component} takes {list(shape)}")
+    limit = 2 * default_size(component, cfg)
+    if not 1 <= batch <= MAX_INPUT_BATCH or not all(1 <= n <= limit for n in side):
+        raise ParityError(f"{path}: inputs of batch {batch} and size {list(side)} (at most batch "
+                          f"{MAX_INPUT_BATCH} and {limit} per side for this {component})")
+    if component == "unet" and not 1 <= shapes["context"][1] <= 2 * 77:
+        raise ParityError(f"{path}: a context of {shapes['context'][1]} tokens (at most {2 * 77})")
+    if component == "text_model" and side[0] > cfg.max_positions:
+        raise ParityError(f"{path}: {side[0]} token ids; the text encoder has {cfg.max_positions} positions")
 
 
 def prompts(prompt: str, batch: int) -> list[str]:
@@ -526,8 +566,13 @@ def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = N
                 raise ParityError("parity check needs the converted .h5 (--h5) or the checkpoint")
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-check-"))
             h5 = ensure_h5(checkpoint, None, work, [component])
-        native, _, _ = load_native(h5, component, dev, ndtype)
-        inputs = to_device(dump.inputs(), dev)
+        native, cfg, _ = load_native(h5, component, dev, ndtype)
+        check_input_shapes(component, cfg, dump.input_shapes(), golden_path)
+        inputs = dump.inputs()
+        if component == "text_model" and inputs["ids"].numel() and not (
+                inputs["ids"].min() >= 0 and inputs["ids"].max() < cfg.vocab_size):
+            raise ParityError(f"{golden_path}: token ids outside 0..{cfg.vocab_size - 1}")
+        inputs = to_device(inputs, dev)
         acc, bit_exact = {}, {}
 
         def on_native(name, out):

@@ -32,6 +32,7 @@ import torch
 
 from ..models import pipeline as P
 from ..models.errors import SdportError
+from ..models.layout import MAX_SCHEDULE
 from ..models.samplers import cfg_denoiser, ddim_timesteps, sample_ddim, sample_plms
 from ..models.tokenizer import default_tokenizer
 from .harness import (ParityError, ParityResult, compare_layers, default_size, deterministic, device_name,
@@ -82,6 +83,10 @@ def reference_schedule(checkpoint: str) -> tuple[dict[str, torch.Tensor], str | 
     from ..convert.checkpoint import open_checkpoint
 
     with open_checkpoint(checkpoint) as ckpt:
+        too_long = [k for k in SCHEDULE_KEYS if k in ckpt.infos and ckpt.infos[k].numel > MAX_SCHEDULE]
+        if too_long:  # checked before reading: nothing else bounds these buffers
+            raise ParityError(f"{checkpoint}: schedule buffer '{too_long[0]}' claims "
+                              f"{ckpt.infos[too_long[0]].numel} elements (at most {MAX_SCHEDULE})")
         stored = {k: ckpt.tensor(k) for k in SCHEDULE_KEYS if k in ckpt.infos}
     ac = stored.get("alphas_cumprod")
     if ac is None:
