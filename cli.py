@@ -516,19 +516,37 @@ def _input_options(fn):
     return fn
 
 
+def _layout_gate(h5, component):
+    """'int8' when the layout's component holds int8-quantized weights: an int8 port is gated by the int8
+    defaults (those `convert --quantize` is measured against), not by its compute dtype's; else None."""
+    if not h5:
+        return None
+    from .models.layout import LayoutReader
+
+    with LayoutReader(h5) as r:
+        return "int8" if r.has(component) and r.quantized(component) else None
+
+
 def _component_command(component):
     @click.argument("checkpoint", type=click.Path(dir_okay=False))
     @click.option("--h5", type=click.Path(dir_okay=False), help="The converted file (default: convert on the fly).")
     @click.option("--mode", type=click.Choice(["accumulated", "isolated", "both"]), default="both", show_default=True)
+    @click.option("--gate", "gate_dtype", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
+                  help="Whose default tolerances gate (default: int8 when --h5 holds int8 weights, else --dtype).")
     @_input_options
     @_gate_options
-    def cmd(checkpoint, h5, mode, seed, prompt, batch, size, json_path, junit, html, tol, tolerances, dtype, device):
+    def cmd(checkpoint, h5, mode, gate_dtype, seed, prompt, batch, size, json_path, junit, html, tol, tolerances,
+            dtype, device):
         from .parity.harness import run_parity
 
         _check_report_paths(json=json_path, junit=junit, html=html)
+        quantized = _layout_gate(h5, component)
+        gate = gate_dtype or quantized or dtype
+        if quantized and not gate_dtype:
+            click.echo(f"gate: int8 defaults (/{component} of {h5} holds int8-quantized weights; --gate overrides)")
         modes = ("accumulated", "isolated") if mode == "both" else (mode,)
         result = run_parity(component, checkpoint, h5=h5, modes=modes, device=device, dtype=dtype, seed=seed,
-                            prompt=prompt, batch=batch, size=size, tolerance=_tolerance(dtype, tol, tolerances))
+                            prompt=prompt, batch=batch, size=size, tolerance=_tolerance(gate, tol, tolerances))
         _finish(result, json_path, junit, html)
 
     cmd.__doc__ = (f"Reference vs native {component}, layer by layer, from seeded inputs; exit 1 when a "

@@ -234,3 +234,25 @@ def test_bf16_convert_load_forward(variants, converted, tmp_path, variant, compo
         assert a.dtype == torch.bfloat16
         metrics = compare(a, _run(ref, _inputs(comp, cfg)))
         assert metrics["psnr_db"] > PSNR_BF16_DB, (comp, metrics)
+
+
+def test_parity_unet_on_an_int8_layout_uses_the_int8_gate(int8_h5, variants, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+    from sdport.parity.metrics import DEFAULT_TOLERANCES
+
+    js = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["parity", "unet", variants["lightning"], "--h5", int8_h5, "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert "gate: int8 defaults" in r.stdout and "PASS" in r.stdout
+    d = json.loads(js.read_text())
+    assert d["tolerance"]["rel_l2"] == DEFAULT_TOLERANCES["int8"].rel_l2 and d["passed"]
+    # each layer's own error is within the int8 gate, and the worst is far outside the fp32 one
+    iso = [l["metrics"]["isolated"]["rel_l2"] for l in d["layers"]]
+    assert max(iso) <= DEFAULT_TOLERANCES["int8"].rel_l2 and max(iso) > DEFAULT_TOLERANCES["fp32"].rel_l2
+    # asked for, the fp32 gate still fails it
+    r = CliRunner().invoke(main, ["parity", "unet", variants["lightning"], "--h5", int8_h5, "--gate", "fp32"])
+    assert r.exit_code == 1 and "gate: int8" not in r.stdout and "FAIL" in r.stdout
