@@ -12,6 +12,7 @@ from . import __version__
 from .models.errors import SdportError
 
 COMPONENT_NAMES = ("unet", "text_model", "vit", "encoder", "decoder")
+MAX_ERROR = 400  # characters of an error line
 EXPORT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # what `export` writes: safetensors, else a zip
 
 
@@ -31,6 +32,8 @@ class _Group(click.Group):
                 raise
             msg = str(e) if isinstance(e, SdportError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
             msg = " ".join(msg.splitlines())  # one line, even when a library's message spans several
+            if len(msg) > MAX_ERROR:  # whatever a file managed to get quoted into it
+                msg = msg[:MAX_ERROR] + "..."
             click.echo(f"error: {msg}", err=True)
             ctx.exit(2)
 
@@ -114,24 +117,34 @@ def inspect(file, as_json):
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=True))
 def verify(file):
-    """Recompute every checksum of an sdport .h5 file and check it is complete."""
-    from .models.layout import LayoutReader, verify as check
-    from .models.load import load_model
+    """Check an sdport .h5 file: layout version, every component's config and datasets (names and
+    shapes, as the loader would), and every dataset's sha256. Exit 1 when anything is wrong."""
+    from .models.layout import COMPONENTS, SCHEDULE, LayoutReader, verify as check
+    from .models.load import check_datasets
 
-    problems = check(file)
+    problems, counts = [], {}
+    with LayoutReader(file) as r:
+        version, comps = r.version, r.components()
+        if not comps:
+            problems.append(f"no component: the file holds none of {', '.join(COMPONENTS)} "
+                            f"(an interrupted conversion leaves such a file)")
+        for comp in comps:
+            try:
+                check_datasets(r, comp)
+                counts[comp] = len(r.keys(comp))
+            except SdportError as e:
+                problems.append(str(e))
+        if r.has(SCHEDULE):
+            counts[SCHEDULE] = len(r.keys(SCHEDULE))
     if not problems:
-        with LayoutReader(file) as r:
-            for comp in r.components():
-                try:
-                    load_model(r, comp, device="meta")
-                except SdportError as e:
-                    problems.append(str(e))
+        problems = check(file)
     if problems:
         click.echo(f"{file}: {len(problems)} problem(s); first: {problems[0]}", err=True)
         for p in problems[1:10]:
             click.echo(f"  {p}", err=True)
         sys.exit(1)
-    click.echo(f"{file}: ok")
+    click.echo(f"{file}: ok (layout version {version}; " + ", ".join(f"/{k} {n} datasets" for k, n in counts.items())
+               + f"; every config builds its model, every dataset has its shape and sha256)")
 
 
 def _components_option(value):
@@ -230,6 +243,28 @@ def _token_record(tok, prompt: str) -> dict:
             "dropped": max(0, len(body) - 75), "dropped_text": tok.decode(body[75:])}
 
 
+MAX_PROMPTS_FILE = 16 << 20  # bytes of a --file of prompts
+
+
+def _read_prompts(path: str) -> list[str]:
+    """The lines of a prompts file: a regular file (a FIFO would block), at most MAX_PROMPTS_FILE bytes, UTF-8."""
+    import stat
+
+    try:
+        with open(path, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK)) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise SdportError(f"{path}: not a regular file (a pipe, socket or device)")
+            data = f.read(MAX_PROMPTS_FILE + 1)
+    except FileNotFoundError:
+        raise SdportError(f"{path}: no such file") from None
+    if len(data) > MAX_PROMPTS_FILE:
+        raise SdportError(f"{path}: larger than {MAX_PROMPTS_FILE >> 20} MiB; split it into smaller files")
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SdportError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 @main.command()
 @click.argument("prompt", required=False)
 @click.option("--file", "prompts_file", type=click.Path(dir_okay=False),
@@ -243,11 +278,7 @@ def tokenize(prompt, prompts_file, as_json):
         raise click.UsageError("give either PROMPT or --file PROMPTS.txt")
     tok = default_tokenizer()
     if prompts_file is not None:
-        with open(prompts_file, encoding="utf-8") as f:
-            try:
-                lines = f.read().splitlines()
-            except UnicodeDecodeError as e:
-                raise SdportError(f"{prompts_file}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        lines = _read_prompts(prompts_file)
         for line_no, line in enumerate(lines, 1):
             click.echo(json.dumps({"line": line_no, **_token_record(tok, line)}, ensure_ascii=False))
         return
@@ -356,18 +387,23 @@ def _generate(models, req, mode, run, out, height, width):
 @_generation_options
 @click.option("--scale", type=FINITE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
-@click.option("--height", type=int, default=512, show_default=True)
-@click.option("--width", type=int, default=512, show_default=True)
+@click.option("--height", type=int, default=None, help="Image height (default: the model's trained size, 512 for SD v1).")
+@click.option("--width", type=int, default=None, help="Image width (default: as --height).")
 def txt2img(model, prompt, out, negative, steps, spacing, seed, eta, dtype, device, low_memory, attention_chunk, force,
             scale, sampler, height, width):
-    """Generate OUT.png from PROMPT with an sdport .h5 (CompVis txt2img defaults: 512x512, 50 PLMS steps)."""
+    """Generate OUT.png from PROMPT with an sdport .h5 (CompVis txt2img defaults: 50 PLMS steps, the model's
+    trained size: 512x512 for SD v1)."""
     from .models import pipeline
 
     _check_output(out, force)
-    req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
-                           eta=eta, height=height, width=width, spacing=spacing)
     with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory,
                          attention_chunk=attention_chunk) as models:
+        models.require("txt2img")
+        if height is None or width is None:
+            side = models.config("unet").sample_size * models.config("decoder").downscale
+            height, width = height or width or side, width or height or side
+        req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed,
+                               sampler=sampler, eta=eta, height=height, width=width, spacing=spacing)
         _generate(models, req, "txt2img", pipeline.txt2img(models, req), out, height, width)
 
 

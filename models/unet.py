@@ -81,6 +81,13 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.model_channels
 
+    @property
+    def sample_size(self) -> int:
+        """The latent side the model is meant for (no checkpoint stores it; the same rule as the parity
+        inputs): 64 for SD v1's 320-channel UNet (512 px through the VAE's factor 8), 16 for smaller UNets
+        such as the tiny test preset."""
+        return 64 if self.model_channels >= 320 else 16
+
     @classmethod
     def sd_v1(cls) -> "UNetConfig":
         return cls()

@@ -272,3 +272,22 @@ def test_a_cut_prompt_is_said_in_one_line(converted, tmp_path):
     code, _, stderr = cli("txt2img", converted["lightning"], "a red cube", "--steps", 2, "--height", 16,
                           "--width", 16, "-o", tmp_path / "b.png")
     assert code == 0 and "warning" not in stderr
+
+
+def test_txt2img_size_defaults_to_the_models_own(converted, tmp_path):
+    from sdport.models import pipeline
+
+    model = converted["lightning"]
+    with pipeline.Models(model) as m:
+        side = m.config("unet").sample_size * m.config("decoder").downscale
+        assert m.config("unet").sample_size == 16  # the tiny preset
+    from sdport.models.unet import UNetConfig
+
+    assert UNetConfig.sd_v1().sample_size * 8 == 512  # SD v1: 64 latent pixels through the VAE's factor 8
+    out = tmp_path / "a.png"
+    code, stdout, stderr = cli("txt2img", model, "x", "--steps", 2, "-o", out)
+    assert code == 0, stderr
+    assert side != 512 and pixels(out).shape == (side, side, 3) and f": {side}x{side}," in stdout
+    # one side given: the other follows it
+    code, stdout, stderr = cli("txt2img", model, "x", "--steps", 2, "--height", 16, "-o", tmp_path / "b.png")
+    assert code == 0 and pixels(tmp_path / "b.png").shape == (16, 16, 3), stderr
