@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (both idempotent):
 #   make demo   set up, then convert the bundled tiny checkpoint and print its parity report
-#   make test   set up the reference side too, then run the test suite
+#   make test   the same set-up (native package and reference side), then run the test suite
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

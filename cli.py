@@ -635,9 +635,9 @@ def parity_check(golden_path, h5, checkpoint, json_path, junit, html, tol, toler
               help="Which default tolerances gate A against B.")
 @click.option("--tol", multiple=True, metavar="METRIC=VALUE", help="Override one tolerance (repeatable).")
 @click.option("--tolerances", type=click.Path(dir_okay=False), help="JSON/TOML file of tolerances.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False))
-@click.option("--junit", type=click.Path(dir_okay=False))
-@click.option("--html", type=click.Path(dir_okay=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--junit", type=click.Path(dir_okay=False), help="Write a JUnit XML report here.")
+@click.option("--html", type=click.Path(dir_okay=False), help="Write a self-contained HTML report here.")
 def parity_compare(a, b, dtype, tol, tolerances, json_path, junit, html):
     """Compare activation dump A with dump B (the reference), layer by layer, paired by name."""
     from .parity.harness import compare_dumps

@@ -411,3 +411,14 @@ def test_cli_compare_checks_report_paths_first(tmp_path):
     r = CliRunner().invoke(main, ["parity", "compare", golden, golden, "--junit", str(bad)])
     assert r.exit_code == 2 and r.stderr == f"error: --junit {bad}: output directory {bad.parent} does not exist\n"
     assert "PASS" not in r.stdout  # refused before the comparison ran
+
+
+def test_cli_compare_report_options_have_help():
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+
+    text = CliRunner().invoke(main, ["parity", "compare", "--help"]).stdout
+    for opt, words in (("--json", "JSON report"), ("--junit", "JUnit XML"), ("--html", "HTML report")):
+        line = next(l for l in text.splitlines() if l.strip().startswith(opt))
+        assert words in line, line
