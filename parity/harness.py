@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import tempfile
@@ -275,8 +276,10 @@ def parameters_on_meta():
 
 
 def _build_reference(component: str, cfg, source_format: str):
-    """The reference model for `cfg` with its parameters on the meta device (see parameters_on_meta)."""
-    with parameters_on_meta():
+    """The reference model for `cfg` with its parameters on the meta device (see parameters_on_meta).
+    ldm prints as it imports and builds ("No module 'xformers'", "making attention of type ...", "Working
+    with z of shape ..."): that goes nowhere, so sdport's own output stays its own."""
+    with parameters_on_meta(), contextlib.redirect_stdout(io.StringIO()):
         return _reference_builder(component, source_format)(cfg)
 
 

@@ -422,3 +422,17 @@ def test_cli_compare_report_options_have_help():
     for opt, words in (("--json", "JSON report"), ("--junit", "JUnit XML"), ("--html", "HTML report")):
         line = next(l for l in text.splitlines() if l.strip().startswith(opt))
         assert words in line, line
+
+
+def test_reference_prints_stay_out_of_the_output(tmp_path):
+    pytest.importorskip("ldm")
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+
+    ckpt = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "fixtures", "tiny", "sd-tiny-fp16.ckpt")
+    r = CliRunner().invoke(main, ["parity", "decoder", ckpt, "--dtype", "fp32"])
+    assert r.exit_code in (0, 1), r.output
+    assert r.stdout.startswith("parity decoder:"), r.stdout[:300]  # ldm's "making attention of type ..." is gone
+    assert "making attention" not in r.output and "Working with z" not in r.output
