@@ -531,38 +531,68 @@ class _SafetensorsReader:
         self.f.close()
 
 
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {cut(k, 60)!r}")
+        d[k] = v
+    return d
+
+
+def _is_uint(v) -> bool:
+    return type(v) is int and v >= 0
+
+
 def _open_safetensors(path: str, size: int) -> Checkpoint:
+    """Parsed as strictly as the reference (Rust) parser: UTF-8 JSON object, no duplicate keys, integer
+    shapes and offsets, tensors that tile the data section exactly, in order, without gaps."""
     with open(path, "rb") as f:
         head = f.read(8)
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, 100 << 20):
             raise BadFile(f"{path}: safetensors header claims {n} bytes but the file has {size}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadFile(f"{path}: safetensors header is not valid JSON ({e})") from None
+        raw = f.read(n)
+    try:
+        text = raw.decode("utf-8")  # strict: json.loads would also accept UTF-16 and UTF-32 bytes
+        if not text.startswith("{"):
+            raise ValueError("the header does not start with '{'")
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BadFile(f"{path}: safetensors header is not a valid UTF-8 JSON object ({cut(e, 100)})") from None
     if not isinstance(header, dict):
         raise BadFile(f"{path}: safetensors header is not a JSON object")
     base, data_len = 8 + n, size - 8 - n
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BadFile(f"{path}: safetensors __metadata__ is not an object of strings")
     entries, spans = {}, []
     for key, e in header.items():
-        try:
-            dtype = _ST_DTYPES[e["dtype"]]
-            shape = tuple(int(s) for s in e["shape"])
-            start, end = (int(x) for x in e["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise BadFile(f"{path}: safetensors entry '{key}' is malformed: {str(e)[:80]}") from None
-        info = TensorInfo(shape, dtype)
-        if any(s < 0 for s in shape) or not 0 <= start <= end <= data_len or end - start != info.nbytes:
-            raise BadFile(f"{path}: safetensors entry '{key}' (shape {list(shape)}, {e['dtype']}) claims bytes "
-                          f"{start}..{end} of a {data_len}-byte data section")
+        shape = e.get("shape") if isinstance(e, dict) else None
+        offsets = e.get("data_offsets") if isinstance(e, dict) else None
+        if not (isinstance(e, dict) and isinstance(e.get("dtype"), str) and isinstance(shape, list)
+                and all(map(_is_uint, shape)) and isinstance(offsets, list) and len(offsets) == 2
+                and all(map(_is_uint, offsets)) and len(shape) <= MAX_RANK):
+            raise BadFile(f"{path}: safetensors entry '{cut(key, 60)}' is malformed: {cut(e, 80)}")
+        if e["dtype"] not in _ST_DTYPES:
+            raise BadFile(f"{path}: safetensors entry '{cut(key, 60)}' has dtype {cut(e['dtype'], 20)}, which "
+                          f"sdport does not read ({', '.join(_ST_DTYPES)})")
+        info = TensorInfo(tuple(shape), _ST_DTYPES[e["dtype"]])
+        start, end = offsets
+        if info.numel > MAX_ELEMENTS or not start <= end <= data_len or end - start != info.nbytes:
+            raise BadFile(f"{path}: safetensors entry '{cut(key, 60)}' (shape {cut(shape, 60)}, {e['dtype']}) "
+                          f"claims bytes {start}..{end} of a {data_len}-byte data section")
         entries[key] = (info, start, end)
         spans.append((start, end, key))
     spans.sort()
-    for (s0, e0, k0), (s1, e1, k1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise BadFile(f"{path}: safetensors entries '{k0}' and '{k1}' overlap")
+    at = 0
+    for s0, e0, k0 in spans:
+        if s0 != at:
+            what = "overlaps the tensor before it" if s0 < at else f"leaves bytes {at}..{s0} unused"
+            raise BadFile(f"{path}: safetensors entry '{cut(k0, 60)}' {what}")
+        at = e0
+    if at != data_len:
+        raise BadFile(f"{path}: safetensors data section has {data_len} bytes, its tensors cover {at}")
     # File order = data order: keys come back sorted by offset, as they were written.
     ordered = {k: entries[k][0] for _, _, k in spans}
     return Checkpoint(path, "safetensors", "safetensors", ordered, {"__metadata__": meta}, [],

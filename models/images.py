@@ -9,25 +9,41 @@ Uses Pillow (a declared dependency of sdport) besides torch and numpy.
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .errors import BadFile, SdportError
+from .errors import BadFile, SdportError, cut
 
 GREEN = (0, 255, 0)  # pure green marks the region to repaint in an init image
+
+
+MAX_PIXELS = 4096 * 4096  # an init image or mask larger than this is refused before it is decoded
+
+
+def _open(path) -> Image.Image:
+    """Image.open on a regular file only (a FIFO would block), its size checked before decoding."""
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise BadFile(f"{path}: not a regular file (a pipe, socket or device)")
+    im = Image.open(path)
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise BadFile(f"{path}: a {w}x{h} image (at most {MAX_PIXELS} pixels are read)")
+    return im
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """An image file as uint8 [H, W, 3] (alpha dropped, palette and grey expanded)."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError:
         raise BadFile(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadFile(f"{path}: not a readable image ({e})") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+        raise BadFile(f"{path}: not a readable image ({cut(e, 120)})") from None
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -46,12 +62,12 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
     """A mask image -> float32 [1, 1, H, W], 1 = repaint: grey level >= 128 (white) repaints, as the
     SD inpainting scripts threshold at 0.5."""
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             grey = np.asarray(im.convert("L"), dtype=np.uint8)
     except FileNotFoundError:
         raise BadFile(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadFile(f"{path}: not a readable image ({e})") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+        raise BadFile(f"{path}: not a readable image ({cut(e, 120)})") from None
     return torch.from_numpy((grey >= 128).astype(np.float32))[None, None]
 
 

@@ -414,11 +414,27 @@ class LayoutReader:
         """The dataset's stored array: memory-mapped (copy-on-write) when contiguous and unfiltered."""
         return self._array(self.dataset(group, key), group, key)
 
-    def _array(self, ds: h5py.Dataset, group: str, key: str) -> np.ndarray:
+    @_reading
+    def torch_dtype(self, group: str, key: str) -> torch.dtype:
+        """The torch dtype the dataset's data would load as, read from its metadata alone."""
+        ds = self.dataset(group, key)
+        dtype = self._element_type(ds, group, key)
+        if dtype == np.uint16:
+            if not _is(_decode(ds.attrs.get("dtype")), "bfloat16"):
+                raise LayoutError(f"{self.path}: /{group}/{key} is stored as uint16 without the dtype attribute "
+                                  f"'bfloat16' (the only use of uint16 in the layout)")
+            return torch.bfloat16
+        return _BY_NAME[next(n for t, (np_dt, n) in _DTYPES.items() if np.dtype(np_dt) == dtype)][1]
+
+    def _element_type(self, ds: h5py.Dataset, group: str, key: str) -> np.dtype:
         dtype = ds.id.dtype
         if dtype not in _STORED:
-            raise LayoutError(f"{self.path}: /{group}/{key} has element type {dtype}, which the sdport layout "
+            raise LayoutError(f"{self.path}: /{group}/{key} has element type {cut(dtype)}, which the sdport layout "
                               f"does not use (little-endian {', '.join(sorted(n for _, n in _DTYPES.values()))})")
+        return dtype
+
+    def _array(self, ds: h5py.Dataset, group: str, key: str) -> np.ndarray:
+        self._element_type(ds, group, key)
         return self._stored(ds)
 
     def _stored(self, ds: h5py.Dataset) -> np.ndarray:
@@ -448,9 +464,8 @@ class LayoutReader:
         arr = self._array(ds, group, key)
         # uint16 storage holds bfloat16 bits, and only those (the dataset's dtype attribute says so);
         # every other type is its own name.
-        if arr.dtype == np.uint16 and not _is(_decode(ds.attrs.get("dtype")), "bfloat16"):
-            raise LayoutError(f"{self.path}: /{group}/{key} is stored as uint16 without the dtype attribute "
-                              f"'bfloat16' (the only use of uint16 in the layout)")
+        if arr.dtype == np.uint16:
+            self.torch_dtype(group, key)
         if arr.ndim == 0:  # 0-d datasets come back as numpy scalars, which torch refuses
             arr = np.array(arr).reshape(())
         t = torch.from_numpy(np.asarray(arr))

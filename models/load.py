@@ -9,7 +9,7 @@ import torch
 
 from . import clip, pack, quant, unet, vae
 from .config import from_dict
-from .errors import LayoutError, SdportError
+from .errors import LayoutError, SdportError, cut
 from .layout import LayoutReader
 
 # layout group -> (config class, model class)
@@ -103,8 +103,9 @@ def expected(reader: LayoutReader, component: str) -> tuple[torch.nn.Module, dic
     return model, model.state_dict()
 
 
-def _load(source, component, device, dtype, packed):
-    reader = source if isinstance(source, LayoutReader) else LayoutReader(source)
+def check_datasets(reader: LayoutReader, component: str) -> tuple[torch.nn.Module, dict]:
+    """What `load_model` checks before reading any weight: the config builds a model, and the file holds
+    exactly its datasets, each of its shape (LayoutError naming the first that does not fit)."""
     model, want = expected(reader, component)
     have = set(reader.keys(component))
     missing = [k for k in want if k not in have]
@@ -112,13 +113,28 @@ def _load(source, component, device, dtype, packed):
         raise LayoutError(f"{reader.path}: /{component}/{missing[0]} is missing ({len(missing)} datasets missing)")
     extra = sorted(have - set(want))
     if extra:
-        raise LayoutError(f"{reader.path}: /{component}/{extra[0]} is not a parameter of the native {component}")
+        raise LayoutError(f"{reader.path}: /{component}/{cut(extra[0])} is not a parameter of the native {component}")
+    for k, meta in want.items():
+        shape = reader.dataset(component, k).shape
+        if shape != tuple(meta.shape):
+            raise LayoutError(f"{reader.path}: /{component}/{k} has shape {cut(shape)}, expected {list(meta.shape)}")
+        _check_dtype(reader, component, k, reader.torch_dtype(component, k), meta)
+    return model, want
+
+
+def _check_dtype(reader: LayoutReader, component: str, key: str, dtype: torch.dtype, meta: torch.Tensor) -> None:
+    """A floating parameter needs floating data; an int8 weight or any other integer buffer, its own type."""
+    if dtype.is_floating_point != meta.is_floating_point() or (not dtype.is_floating_point and dtype != meta.dtype):
+        raise LayoutError(f"{reader.path}: /{component}/{key} holds {str(dtype).removeprefix('torch.')}, "
+                          f"expected {'a floating type' if meta.is_floating_point() else meta.dtype}")
+
+
+def _load(source, component, device, dtype, packed):
+    reader = source if isinstance(source, LayoutReader) else LayoutReader(source)
+    model, want = check_datasets(reader, component)
     sd = {}
     for k, meta in want.items():
-        t = sd[k] = reader.tensor(component, k, shape=tuple(meta.shape))  # the shape is checked before reading
-        if t.is_floating_point() != meta.is_floating_point() or (not t.is_floating_point() and t.dtype != meta.dtype):
-            raise LayoutError(f"{reader.path}: /{component}/{k} holds {str(t.dtype).removeprefix('torch.')}, "
-                              f"expected {'a floating type' if meta.is_floating_point() else meta.dtype}")
+        sd[k] = reader.tensor(component, k, shape=tuple(meta.shape))  # checked by check_datasets, before reading
     model.load_state_dict(sd, assign=True)
     del sd  # the model holds the tensors now; packing below must be able to free each plain weight
     if isinstance(dtype, str):
