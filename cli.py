@@ -219,8 +219,9 @@ def convert(src, out, components, dtype, ema, num_heads, strict, force, compress
 @click.option("--force", is_flag=True, help="Overwrite the destination.")
 def export(h5, out, flat, force):
     """Write an sdport .h5 back under the source key names (CompVis, or the ViT's source format)."""
-    from .convert.convert import export as run
+    from .convert.convert import check_export_destination, export as run
 
+    check_export_destination(h5, out, force=force)  # a directory or the input itself is the first thing to say
     # The format follows the suffix; an unknown one would silently get a PyTorch zip under a misleading name.
     suffix = os.path.splitext(out)[1]
     if suffix not in EXPORT_SUFFIXES:

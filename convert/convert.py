@@ -215,16 +215,7 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
     from ..models.load import load_model, read_config
     from . import clip_text, unet, vae, vit
 
-    if not os.path.basename(out):
-        raise SdportError(f"output path {out!r} names no file")
-    if os.path.isdir(out):
-        raise SdportError(f"{out}: is a directory")
-    if os.path.exists(out) and not force:
-        raise SdportError(f"{out}: already exists (use --force to overwrite)")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise SdportError(f"{out}: output directory {parent} does not exist")
-    _not_the_input(h5, out)
+    check_export_destination(h5, out, force=force)
     rows_of = {
         "unet": lambda c, f: unet.rows(c),
         "text_model": lambda c, f: clip_text.rows(c),
@@ -277,6 +268,21 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
                               f"the destination is untouched") from None
         raise
     return counts
+
+
+def check_export_destination(h5: str, out: str, *, force: bool = False) -> None:
+    """What `export` refuses before reading anything: no file name, a directory, an existing file
+    without `force`, a missing folder, the input file itself."""
+    if not os.path.basename(out):
+        raise SdportError(f"output path {out!r} names no file")
+    if os.path.isdir(out):
+        raise SdportError(f"{out}: is a directory")
+    _not_the_input(h5, out)  # before "already exists": that the output is the input is the real mistake
+    if os.path.exists(out) and not force:
+        raise SdportError(f"{out}: already exists (use --force to overwrite)")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise SdportError(f"{out}: output directory {parent} does not exist")
 
 
 def _check_free_space(out: str, ckpt, p: Plan, cast, quantized) -> None:
