@@ -169,6 +169,8 @@ class _StorageRef(_Sealed):
     dtype: torch.dtype
     numel: int
 
+    __setstate__ = _Sealed.__setstate__  # in the class body: a frozen slots dataclass adds its own otherwise
+
 
 @dataclass(frozen=True, slots=True)
 class LazyTensor(_Sealed):
@@ -176,6 +178,8 @@ class LazyTensor(_Sealed):
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+
+    __setstate__ = _Sealed.__setstate__
 
     @property
     def info(self) -> TensorInfo:
@@ -266,9 +270,10 @@ class _SafeUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {str(pid)[:60]!r}")
         _, dtype, key, _location, numel = pid
-        if not isinstance(dtype, torch.dtype) or not isinstance(key, str) or type(numel) is not int \
-                or not 0 <= numel <= MAX_ELEMENTS:
+        if not isinstance(dtype, torch.dtype) or not isinstance(key, str) or type(numel) is not int:
             raise pickle.UnpicklingError("malformed storage record")
+        if not 0 <= numel <= MAX_ELEMENTS:
+            raise pickle.UnpicklingError(f"storage '{cut(key, 40)}' claims {numel} elements (0..{MAX_ELEMENTS})")
         ref = _StorageRef(key, dtype, numel)
         seen = self.storages.setdefault(key, ref)
         if seen != ref:  # one storage read as two element types or sizes

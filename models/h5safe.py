@@ -190,6 +190,10 @@ def check_storage(ds: h5py.Dataset, path: str, name: str, budget: InflateBudget 
         if nbytes > DEFLATE_RATIO * stored + chunk:
             raise error(f"{path}: {_cut(name)} declares {nbytes} bytes but stores {stored}: more than "
                         f"deflate can inflate to ({DEFLATE_RATIO}x)")
+        dims = ds.shape
+        want = math.prod(-(-n // c) for n, c in zip(dims, dcpl.get_chunk())) if nbytes else 0
+        if ds.id.get_num_chunks() != want:  # HDF5 would make up the missing ones from the fill value
+            raise error(f"{path}: {_cut(name)} has {ds.id.get_num_chunks()} of its {want} chunks written")
         if budget is not None:
             budget.take(path, name, nbytes, error)
     elif nbytes > stored:

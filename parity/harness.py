@@ -109,21 +109,22 @@ def input_shapes(component: str, cfg, batch: int, side: tuple[int, ...]) -> dict
 def check_input_shapes(component: str, cfg, shapes: dict[str, tuple], path: str) -> None:
     """Refuse (before reading them) inputs that the model does not take or that are far larger than
     the inputs parity draws: batch <= MAX_INPUT_BATCH, each spatial side <= 2x the drawn size."""
-    first = next(iter(shapes.values()), ())
+    main = {"unet": "x", "text_model": "ids", "encoder": "image", "decoder": "latent", "vit": "pixels"}[component]
+    first = shapes.get(main, ())
     batch = first[0] if first else 0
     side = tuple(first[2:]) if component != "text_model" else tuple(first[1:])
+    limit = 2 * default_size(component, cfg)
+    if main in shapes and (not 1 <= batch <= MAX_INPUT_BATCH or not all(1 <= n <= limit for n in side)):
+        raise ParityError(f"{path}: inputs of batch {batch} and size {cut(list(side))} (at most batch "
+                          f"{MAX_INPUT_BATCH} and {limit} per side for this {component})")
     want = input_shapes(component, cfg, batch, side)
     if set(shapes) != set(want):
-        raise ParityError(f"{path}: inputs {sorted(map(cut, shapes))}; the {component} takes {sorted(want)}")
+        raise ParityError(f"{path}: inputs {cut(sorted(shapes))}; the {component} takes {sorted(want)}")
     for name, shape in want.items():
         fixed = [i for i in range(len(shape)) if not (component == "unet" and name == "context" and i == 1)]
         got = shapes[name]
         if len(got) != len(shape) or any(got[i] != shape[i] for i in fixed):
             raise ParityError(f"{path}: input {name} has shape {cut(list(got))}, the {component} takes {list(shape)}")
-    limit = 2 * default_size(component, cfg)
-    if not 1 <= batch <= MAX_INPUT_BATCH or not all(1 <= n <= limit for n in side):
-        raise ParityError(f"{path}: inputs of batch {batch} and size {list(side)} (at most batch "
-                          f"{MAX_INPUT_BATCH} and {limit} per side for this {component})")
     if component == "unet" and not 1 <= shapes["context"][1] <= 2 * 77:
         raise ParityError(f"{path}: a context of {shapes['context'][1]} tokens (at most {2 * 77})")
     if component == "text_model" and side[0] > cfg.max_positions:
