@@ -1,14 +1,18 @@
 """The `sdport` command line: one click group, thin commands; the work lives in the packages."""
 from __future__ import annotations
 
+import _thread
 import json
 import math
 import os
+import signal
 import sys
+import threading
 
 import click
 
 from . import __version__
+from .models import partial as partials
 from .models.errors import SdportError
 
 COMPONENT_NAMES = ("unet", "text_model", "vit", "encoder", "decoder")
@@ -17,25 +21,84 @@ EXPORT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # what `expo
 
 
 class _Group(click.Group):
-    """User errors become one line on stderr and exit code 2; --debug shows the traceback."""
+    """User errors become one line on stderr and exit code 2; --debug shows the traceback. Ctrl-C
+    exits 130 with one line, leaving no partial file behind."""
+
+    def main(self, args=None, *rest, **kwargs):
+        if args is None and threading.current_thread() is threading.main_thread():
+            # The program itself (a CliRunner passes args, and the process it runs in keeps its handlers).
+            signal.signal(signal.SIGINT, _on_sigint)
+            sys.unraisablehook = _unraisable
+        return super().main(args, *rest, **kwargs)
 
     def invoke(self, ctx):
+        partials.reset()
+        _SIGINT.update(unwind=True, seen=False, said=False)
         try:
             try:
-                return super().invoke(ctx)
-            finally:
-                sys.stdout.flush()  # a reader gone away shows here, not as a traceback at interpreter exit
-        except BrokenPipeError:
-            _stdout_closed(ctx)
-        except (SdportError, OSError) as e:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            msg = str(e) if isinstance(e, SdportError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
-            msg = " ".join(msg.splitlines())  # one line, even when a library's message spans several
-            if len(msg) > MAX_ERROR:  # whatever a file managed to get quoted into it
-                msg = msg[:MAX_ERROR] + "..."
-            click.echo(f"error: {msg}", err=True)
-            ctx.exit(2)
+                try:
+                    rv = super().invoke(ctx)
+                finally:
+                    sys.stdout.flush()  # a reader gone away shows here, not as a traceback at interpreter exit
+                if _SIGINT["seen"]:  # an interrupt that some finalizer swallowed is still an interrupt
+                    raise KeyboardInterrupt
+                return rv
+            except BrokenPipeError:
+                _stdout_closed(ctx)
+            except (SdportError, OSError) as e:
+                if ctx.obj and ctx.obj.get("debug"):
+                    raise
+                msg = str(e) if isinstance(e, SdportError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
+                msg = " ".join(msg.splitlines())  # one line, even when a library's message spans several
+                if len(msg) > MAX_ERROR:  # whatever a file managed to get quoted into it
+                    msg = msg[:MAX_ERROR] + "..."
+                click.echo(f"error: {msg}", err=True)
+                ctx.exit(2)
+        except KeyboardInterrupt:
+            _SIGINT["unwind"] = False  # a second Ctrl-C from here on exits at once
+            partials.remove_open()  # what no writer's cleanup reached (the interrupt came between two lines)
+            click.echo(_interrupted_line(), err=True)
+            _SIGINT["said"] = True
+            ctx.exit(130)
+        finally:
+            _SIGINT["unwind"] = False
+
+
+# Ctrl-C in the program. While a command runs, SIGINT raises KeyboardInterrupt, so the writers unwind
+# and remove their partial files; before it starts and after it ends (click's parsing, the interpreter's
+# exit, where Python would print "Exception ignored" and keep the exit code), it exits 130 at once.
+_SIGINT = {"unwind": False, "seen": False, "said": False}
+
+
+def _on_sigint(signum, frame):
+    _SIGINT["seen"] = True
+    if _SIGINT["unwind"]:
+        raise KeyboardInterrupt
+    partials.remove_open()
+    try:
+        sys.stdout.flush()
+    except Exception:  # a closed pipe, or the interrupt landed inside a write to it
+        pass
+    if not _SIGINT["said"]:
+        os.write(2, (_interrupted_line() + "\n").encode())
+    os._exit(130)
+
+
+def _unraisable(hook, default=sys.unraisablehook):
+    """An interrupt that lands in a finalizer or a weakref callback is swallowed there ("Exception ignored
+    in ..."): raise it again a moment later from another thread, once this hook has returned (raised in
+    the hook, it would be swallowed again). Where it lands nowhere, `seen` still ends the command with 130."""
+    if isinstance(hook.exc_value, KeyboardInterrupt):
+        again = threading.Timer(0.01, _thread.interrupt_main)
+        again.daemon = True  # never holds up the exit
+        again.start()
+        return
+    default(hook)
+
+
+def _interrupted_line() -> str:
+    done = partials.completed()
+    return f"interrupted after writing {', '.join(done)}" if done else "interrupted: no output written"
 
 
 def _stdout_closed(ctx):

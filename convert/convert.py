@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..models import quant
+from ..models import partial as partials, quant
 from ..models.errors import LayoutError, SdportError
 from ..models.layout import MAX_SCHEDULE, SCHEDULE, LayoutReader, LayoutWriter, file_sha256
 from .checkpoint import open_checkpoint
@@ -248,6 +248,7 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
                 sd[k] = r.schedule_tensor(k).clone()
             counts[SCHEDULE] = len(r.keys(SCHEDULE))
     partial = out + ".partial"
+    partials.begin(partial)
     try:
         if out.endswith(".safetensors"):
             from safetensors.torch import save_file
@@ -260,9 +261,11 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
         with open(partial, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(partial, out)
+        partials.end(partial, out)
     except BaseException as e:
         if os.path.exists(partial):
             os.remove(partial)
+        partials.end(partial)
         if isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError":
             raise SdportError(f"{out}: cannot write ({_write_reason(e)}); removed the partial output, "
                               f"the destination is untouched") from None

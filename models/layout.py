@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import h5safe
+from . import h5safe, partial as partials
 from .directio import DataWriter
 from .errors import BadFile, LayoutError, SdportError, cut
 from .filemap import FileMap
@@ -114,17 +114,23 @@ class LayoutWriter:
             raise SdportError(f"{self.path}: is a directory")
         if os.path.exists(self.path) and not force:
             raise SdportError(f"{self.path}: already exists (use --force to overwrite)")
+        partials.begin(self.partial)  # named before it exists: an interrupt from here on can remove it
         try:
             # libver v108: object headers, groups and heaps carry checksums, so damaged metadata is refused
             # by a checksum error instead of sending HDF5 into a loop (as version-1 headers can); HDF5 >= 1.8 reads it.
             self.f = h5py.File(self.partial, "w", track_order=True, libver=("v108", "latest"))
         except OSError as e:
+            partials.end(self.partial)
             raise SdportError(f"{self.partial}: cannot create ({e})") from None
-        self.f.attrs["format"] = FORMAT
-        self.f.attrs["layout_version"] = LAYOUT_VERSION
-        self.f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        for k, v in (attrs or {}).items():
-            self.set_attr(k, v)
+        try:
+            self.f.attrs["format"] = FORMAT
+            self.f.attrs["layout_version"] = LAYOUT_VERSION
+            self.f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            for k, v in (attrs or {}).items():
+                self.set_attr(k, v)
+        except BaseException:  # no `with` owns the file yet: nothing else would remove it
+            self.abort()
+            raise
 
     def set_attr(self, key: str, value, group: str | None = None):
         target = self.f if group is None else self.f[group]
@@ -199,6 +205,7 @@ class LayoutWriter:
         with open(self.partial, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(self.partial, self.path)
+        partials.end(self.partial, self.path)
 
     def _stop_pool(self) -> None:
         if self._writer is not None:
@@ -217,6 +224,7 @@ class LayoutWriter:
             pass
         if os.path.exists(self.partial):
             os.remove(self.partial)
+        partials.end(self.partial)
 
     def __enter__(self):
         return self

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..models import h5safe
+from ..models import h5safe, partial as partials
 from ..models.errors import SdportError, cut
 
 FORMAT = "sdport.activations"
@@ -92,13 +92,19 @@ class ActivationWriter:
         self.sample_size = sample_size
         self.summaries = summaries  # stats and sha256 per layer; a private spill file can skip them
         self.count = 0
-        self.f = h5py.File(self.partial, "w", track_order=True)
-        self.f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "mode": mode,
-                             "created": _now(), "sample_size": sample_size})
-        for k, v in (attrs or {}).items():
-            self.set_attr(k, v)
-        self.f.create_group("inputs", track_order=True)
-        self.layers = self.f.create_group("layers", track_order=True)
+        self.f = None
+        partials.begin(self.partial)  # named before it exists: an interrupt from here on can remove it
+        try:
+            self.f = h5py.File(self.partial, "w", track_order=True)
+            self.f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "mode": mode,
+                                 "created": _now(), "sample_size": sample_size})
+            for k, v in (attrs or {}).items():
+                self.set_attr(k, v)
+            self.f.create_group("inputs", track_order=True)
+            self.layers = self.f.create_group("layers", track_order=True)
+        except BaseException:  # no `with` owns the file yet: nothing else would remove it
+            self.abort()
+            raise
 
     def set_attr(self, key: str, value) -> None:
         self.f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
@@ -129,6 +135,7 @@ class ActivationWriter:
             self.f.close()
             self.f = None
             os.replace(self.partial, self.path)
+            partials.end(self.partial, self.path)
 
     def abort(self) -> None:
         if self.f:
@@ -136,6 +143,7 @@ class ActivationWriter:
             self.f = None
         if os.path.exists(self.partial):
             os.remove(self.partial)
+        partials.end(self.partial)
 
     def __enter__(self):
         return self
