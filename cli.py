@@ -96,6 +96,25 @@ def _unraisable(hook, default=sys.unraisablehook):
     default(hook)
 
 
+def _raise_if_interrupted() -> None:
+    """An interrupt that C code or a finalizer swallowed: raised between two units of work."""
+    if _SIGINT["seen"] and _SIGINT["unwind"]:
+        raise KeyboardInterrupt
+
+
+def _progress(desc: str, unit: str, total: int | None = None):
+    from .progress import Progress
+
+    return Progress(desc, unit, total, check=_raise_if_interrupted)
+
+
+def _stages(prefix: str):
+    """The parity libraries' progress(what, done, total, unit) callback, shown on stderr."""
+    from .progress import Stages
+
+    return Stages(prefix, check=_raise_if_interrupted)
+
+
 def _interrupted_line() -> str:
     done = partials.completed()
     return f"interrupted after writing {', '.join(done)}" if done else "interrupted: no output written"
@@ -237,21 +256,12 @@ def _components_option(value):
               help="Comma-separated components --quantize applies to.")
 def convert(src, out, components, dtype, ema, num_heads, strict, force, compress, quantize, quantize_components):
     """Convert a CompVis checkpoint (or a CLIP ViT state dict) to the sdport HDF5 layout."""
-    from tqdm import tqdm
-
     from .convert.convert import convert as run
 
-    bar = tqdm(total=None, unit="tensor", desc="converting", disable=None, file=sys.stderr)
-
-    def progress(n):
-        bar.update(n - bar.n)
-
-    try:
+    with _progress("converting", "tensor") as bar:  # the total comes with the first update
         s = run(src, out, components=_components_option(components), dtype=dtype, ema=ema, strict=strict,
-                force=force, num_heads=num_heads, compression="gzip" if compress else None, progress=progress,
+                force=force, num_heads=num_heads, compression="gzip" if compress else None, progress=bar.update,
                 quantize=quantize, quantize_components=_components_option(quantize_components))
-    finally:
-        bar.close()
     p = s.plan
     click.echo(f"wrote {out}: {p.family} {p.variant}, {_human_bytes(s.bytes_written)}")
     for name, n in s.written.items():
@@ -424,8 +434,6 @@ def _init_size(init: str, rgb, height, width) -> None:
 
 def _generate(models, req, mode, run, out, height, width):
     """Drive a pipeline generator under a progress bar, decode the last latent, write the PNG."""
-    from tqdm import tqdm
-
     from .models import images, pipeline
 
     for note in models.notes + [pipeline.steps_note(req, mode)]:
@@ -433,10 +441,9 @@ def _generate(models, req, mode, run, out, height, width):
             click.echo(f"note: {note}", err=True)
     _say_if_cut(prompt=req.prompt, negative=req.negative)
     latent = None
-    with tqdm(run, total=pipeline.total_steps(req, mode), unit="step", desc=mode, disable=None,
-              file=sys.stderr) as bar:
-        for latent in bar:
-            pass
+    with _progress(mode, "step", pipeline.total_steps(req, mode)) as bar:
+        for i, latent in enumerate(run, 1):
+            bar.update(i)
     image = pipeline.decode(models, latent)
     images.write_png(image, out, pipeline.png_text(models, req, mode, height, width))
     n = pipeline.total_steps(req, mode)  # the steps run: img2img's share, or what the spacing made of --steps
@@ -645,8 +652,10 @@ def _component_command(component):
         if quantized and not gate_dtype:
             click.echo(f"gate: int8 defaults (/{component} of {h5} holds int8-quantized weights; --gate overrides)")
         modes = ("accumulated", "isolated") if mode == "both" else (mode,)
-        result = run_parity(component, checkpoint, h5=h5, modes=modes, device=device, dtype=dtype, seed=seed,
-                            prompt=prompt, batch=batch, size=size, tolerance=_tolerance(gate, tol, tolerances))
+        with _stages(f"parity {component}") as progress:
+            result = run_parity(component, checkpoint, h5=h5, modes=modes, device=device, dtype=dtype, seed=seed,
+                                prompt=prompt, batch=batch, size=size, tolerance=_tolerance(gate, tol, tolerances),
+                                progress=progress)
         _finish(result, json_path, junit, html)
 
     cmd.__doc__ = (f"Reference vs native {component}, layer by layer, from seeded inputs; exit 1 when a "
@@ -672,8 +681,9 @@ def parity_record(component, checkpoint, out, stats_only, sample_size, device, s
     """Write the reference side's activations for CHECKPOINT (docs/golden.md)."""
     from .parity.harness import record
 
-    n = record(component, checkpoint, out, stats_only=stats_only, device=device, seed=seed, prompt=prompt,
-               batch=batch, size=size, sample_size=sample_size)
+    with _stages(f"parity record {component}") as progress:
+        n = record(component, checkpoint, out, stats_only=stats_only, device=device, seed=seed, prompt=prompt,
+                   batch=batch, size=size, sample_size=sample_size, progress=progress)
     click.echo(f"wrote {out}: {n} layers of {component} ({'stats-only' if stats_only else 'full tensors'}), seed {seed}")
 
 
@@ -687,8 +697,9 @@ def parity_check(golden_path, h5, checkpoint, json_path, junit, html, tol, toler
     from .parity.harness import check
 
     _check_report_paths(json=json_path, junit=junit, html=html)
-    result = check(golden_path, h5=h5, checkpoint=checkpoint, device=device, dtype=dtype,
-                   tolerance=_tolerance(dtype, tol, tolerances))
+    with _stages("parity check") as progress:
+        result = check(golden_path, h5=h5, checkpoint=checkpoint, device=device, dtype=dtype,
+                       tolerance=_tolerance(dtype, tol, tolerances), progress=progress)
     _finish(result, json_path, junit, html)
 
 
@@ -775,10 +786,12 @@ def parity_txt2img(checkpoint, h5, prompt, negative, steps, spacing, scale, samp
     if out_dir and not os.access(out_dir, os.W_OK):  # it also takes the converted .h5
         raise SdportError(f"--out {out_dir}: folder is not writable")
     _check_report_paths(json=json_path, png=png, html=html)
-    result = run_txt2img(checkpoint, h5=h5, prompt=prompt, negative=negative, steps=steps, spacing=spacing, scale=scale,
-                         sampler=sampler, eta=eta, seed=seed, height=height, width=width, device=device, dtype=dtype,
-                         layer_steps=_layer_steps_option(layer_steps), gate_dtype=gate_dtype, tolerance=tolerance,
-                         image_psnr_db=image_psnr, workdir=out_dir)
+    with _stages("parity txt2img") as progress:
+        result = run_txt2img(checkpoint, h5=h5, prompt=prompt, negative=negative, steps=steps, spacing=spacing,
+                             scale=scale, sampler=sampler, eta=eta, seed=seed, height=height, width=width,
+                             device=device, dtype=dtype, layer_steps=_layer_steps_option(layer_steps),
+                             gate_dtype=gate_dtype, tolerance=tolerance, image_psnr_db=image_psnr, workdir=out_dir,
+                             progress=progress)
     if json_path:
         out.write_json(result, json_path)
     scale_text = out.write_png(result, png) if png else None
@@ -810,7 +823,8 @@ def demo(out_dir):
         s = run_convert(str(ckpt_path), h5, dtype="fp32", force=True)
         click.echo(f"converted {ckpt_path.name} -> {h5} (fp32): "
                    + ", ".join(f"{k} {v}" for k, v in s.written.items()))
-        result = run_parity("unet", str(ckpt_path), h5=h5)
+        with _stages("parity unet") as progress:
+            result = run_parity("unet", str(ckpt_path), h5=h5, progress=progress)
     paths = {k: os.path.join(out_dir, f"parity-unet.{k}") for k in ("json", "html")}
     paths["junit"] = os.path.join(out_dir, "parity-unet.xml")
     _finish(result, paths["json"], paths["junit"], paths["html"])

@@ -84,7 +84,7 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
             strict: bool = False, force: bool = False, num_heads: int | None = None,
             compression: str | None = None, progress=None, quantize: str | None = None,
             quantize_components=QUANTIZE_DEFAULT) -> Summary:
-    """Convert `src` to `out`. `progress(n)` is called with the number of tensors done so far.
+    """Convert `src` to `out`. `progress(n, total)` is called with the number of tensors done so far.
 
     `quantize="int8"` stores the Linear/Conv2d weights of `quantize_components` as int8 plus per-channel
     scales (models/quant.py); every other tensor follows `dtype`.
@@ -120,7 +120,7 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
         if quantize:
             attrs["quantization"] = {"scheme": quant.SCHEME, "bits": 8,
                                      "components": [c for c in p.components if qkeys.get(c)]}
-        done = 0
+        done, total = 0, total_tensors(p)
         _return_freed_memory_to_the_os()
         hasher = ThreadPoolExecutor(max_workers=1)
         source_sha256 = hasher.submit(file_sha256, src)  # hashlib releases the GIL: overlaps the writes
@@ -151,7 +151,7 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
                         summary.bytes_written += native.numel() * native.element_size()
                     done += 1
                     if progress:
-                        progress(done)
+                        progress(done, total)
                 summary.written[name] = len(cp.rows)
             if "unet" in p.components and p.ema.get("present") and ema != "ignore":
                 p.ema["differs"] = _ema_differs(ckpt, p)
@@ -166,7 +166,7 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
                     w.write(SCHEDULE, k, ckpt.tensor(k), sources=[k])
                     done += 1
                     if progress:
-                        progress(done)
+                        progress(done, total)
                 summary.written[SCHEDULE] = len(p.schedule)
             w.set_attr("ignored", p.ignored)
             w.set_attr("unknown_keys", p.unknown)

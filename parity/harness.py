@@ -420,6 +420,10 @@ class ParityResult:
             self.report.to_html(html)
 
 
+def no_progress(what: str, done: int, total: int | None = None, unit: str = "layer") -> None:
+    pass
+
+
 def display(name: str) -> str:
     """The whole model is the module named "" (the OpenAI ViT's "model" block): say so in reports."""
     return name or "(model)"
@@ -439,9 +443,12 @@ def _layer_records(order, names, kinds, shapes, acc, iso, tol):
 def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=MODES, device: str = "cpu",
                dtype: str = "fp32", seed: int = 0, prompt: str | None = None, batch: int = 2,
                size: int | None = None, tolerance: Tolerance | None = None, patch_native=None,
-               workdir: str | None = None) -> ParityResult:
+               workdir: str | None = None, progress=None) -> ParityResult:
     """Reference vs native for one component. `patch_native(model)` may alter the native model
-    before the run (tests plant faults that way)."""
+    before the run (tests plant faults that way); `progress(what, done, total)` as layers complete."""
+    if component not in COMPONENTS:
+        raise ParityError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
+    modes = tuple(m for m in MODES if m in modes)
     if component not in COMPONENTS:
         raise ParityError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
     modes = tuple(m for m in MODES if m in modes)
@@ -467,14 +474,17 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
         desc.update(checkpoint=os.path.basename(checkpoint), h5=os.path.basename(h5), source_format=fmt,
                     reference_dtype="fp32", native_dtype=dtype)
 
-        return compare_layers(component, ref, native, ncfg, fmt, inputs, ndtype, dtype, dev, tol, desc, work, modes)
+        return compare_layers(component, ref, native, ncfg, fmt, inputs, ndtype, dtype, dev, tol, desc, work, modes,
+                              progress=progress)
 
 
 def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs: dict, ndtype: torch.dtype,
-                   dtype: str, dev, tol: Tolerance, desc: dict, work: str, modes=MODES) -> ParityResult:
+                   dtype: str, dev, tol: Tolerance, desc: dict, work: str, modes=MODES, progress=None) -> ParityResult:
     """The per-layer comparison of two loaded models on the given (device-side) inputs: one reference
     pass that records each layer (and re-runs the native layer on its input, for isolated mode), then
-    one native pass against the recorded activations, spilled to a temporary dump in `work`."""
+    one native pass against the recorded activations, spilled to a temporary dump in `work`.
+    `progress(what, done, total)` is called as each layer of each pass completes."""
+    progress = progress or no_progress
     specs, not_compared = layer_map(component, ncfg, source_format)
     order, names, kinds, shapes = [], {}, {}, {}
     acc, iso = {}, {}
@@ -494,6 +504,8 @@ def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs
         if ISOLATED in modes:
             out = mods[spec.native](*cast_floats(native_args(component, spec, args, kwargs), ndtype))
             iso[spec.native] = _safe_compare(first_tensor(out), y)
+        progress("reference pass" + (" (and isolated native layers)" if ISOLATED in modes else ""),
+                 len(order), len(specs))
 
     try:
         unpaired = reference_pass(component, ref, specs, inputs, source_format, on_layer)
@@ -506,6 +518,7 @@ def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs
                 e = dump.by_name.get(name)
                 if e is not None:
                     acc[name] = _safe_compare(out, dump.full(e))
+                progress("native pass", len(acc), len(order))
             fired = native_pass(component, native, order, inputs, ndtype, on_native)
         os.remove(spill.path)
         for n in order:
@@ -519,8 +532,10 @@ def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs
 
 def record(component: str, checkpoint: str, out: str, *, stats_only: bool = False, device: str = "cpu",
            seed: int = 0, prompt: str | None = None, batch: int = 2, size: int | None = None,
-           h5: str | None = None, sample_size: int = golden.SAMPLE_SIZE) -> int:
-    """Write the reference side's activations (and the inputs) as a golden dump. Returns the layer count."""
+           h5: str | None = None, sample_size: int = golden.SAMPLE_SIZE, progress=None) -> int:
+    """Write the reference side's activations (and the inputs) as a golden dump. Returns the layer count.
+    `progress(what, done, total)` as layers are written."""
+    progress = progress or no_progress
     dev = resolve_device(device)
     deterministic()
     with tempfile.TemporaryDirectory(prefix="sdport-record-") as work:
@@ -539,8 +554,11 @@ def record(component: str, checkpoint: str, out: str, *, stats_only: bool = Fals
         with golden.ActivationWriter(out, mode=golden.STATS if stats_only else golden.FULL, attrs=attrs,
                                      sample_size=sample_size) as w:
             w.write_inputs(cpu_inputs)
-            reference_pass(component, ref, specs, to_device(cpu_inputs, dev), fmt,
-                           lambda s, y, a, k: w.add(s.native, s.reference_name, s.kind, y))
+            def add(s, y, args, kwargs):
+                w.add(s.native, s.reference_name, s.kind, y)
+                progress("reference pass", w.count, len(specs))
+
+            reference_pass(component, ref, specs, to_device(cpu_inputs, dev), fmt, add)
             return w.count
 
 
@@ -555,8 +573,10 @@ def _commit() -> str:
 
 
 def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = None, device: str = "cpu",
-          dtype: str = "fp32", tolerance: Tolerance | None = None) -> ParityResult:
-    """The native side alone against a golden dump (accumulated mode; no reference package needed)."""
+          dtype: str = "fp32", tolerance: Tolerance | None = None, progress=None) -> ParityResult:
+    """The native side alone against a golden dump (accumulated mode; no reference package needed).
+    `progress(what, done, total)` as layers are compared."""
+    progress = progress or no_progress
     dev, ndtype = resolve_device(device), dtype_of(dtype)
     deterministic()
     tol = tolerance or default_tolerance(dtype)
@@ -583,6 +603,7 @@ def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = N
             e = dump.by_name.get(name)
             if e is not None:
                 acc[name], bit_exact[name] = golden.compare_with(dump, e, out)
+            progress("native pass", len(acc), len(dump.entries))
 
         names = [e.name for e in dump.entries]
         present = set(dict(native.named_modules()))

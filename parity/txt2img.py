@@ -36,7 +36,7 @@ from ..models.layout import MAX_SCHEDULE
 from ..models.samplers import cfg_denoiser, ddim_timesteps, sample_ddim, sample_plms
 from ..models.tokenizer import default_tokenizer
 from .harness import (ParityError, ParityResult, compare_layers, default_size, deterministic, device_name,
-                      dtype_of, ensure_h5, load_reference, resolve_device, to_device)
+                      dtype_of, ensure_h5, load_reference, no_progress, resolve_device, to_device)
 from .metrics import IMAGE_PSNR_DB, Tolerance, check, compare, default_tolerance, dtype_key
 from .report import _worst_key, collect_versions
 
@@ -238,9 +238,10 @@ class ReferenceRun:
 @torch.no_grad()
 def run_reference(ref: ReferencePipeline, sampler: str, steps: int, x_T: torch.Tensor, cond: torch.Tensor,
                   uncond: torch.Tensor | None, scale: float, eta: float, gen: torch.Generator,
-                  record_steps=(), spacing: str = "ldm") -> ReferenceRun:
+                  record_steps=(), spacing: str = "ldm", on_step=None) -> ReferenceRun:
     """ldm's sampler.sample(...) from x_T; its per-step function and the UNet calls are observed, not replaced.
-    spacing other than ldm: the sampler runs on those timesteps (spaced_timesteps)."""
+    spacing other than ldm: the sampler runs on those timesteps (spaced_timesteps). `on_step(done)` after
+    each step."""
     s = ref.sampler(sampler)
     run = ReferenceRun([], [], [], [], {})
     name = f"p_sample_{sampler}"
@@ -253,6 +254,8 @@ def run_reference(ref: ReferencePipeline, sampler: str, steps: int, x_T: torch.T
         run.gen_states.append(gen.get_state())
         out = step_fn(x, c, t, *args, **kwargs)
         run.latents.append(out[0].float().cpu())
+        if on_step is not None:
+            on_step(len(run.latents))
         return out
 
     def on_call(x, t, c, out):
@@ -406,7 +409,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                 spacing: str = "ldm", scale: float = 7.5, sampler: str = "plms", eta: float = 0.0, seed: int = 42,
                 height: int | None = None, width: int | None = None, device: str = "cpu", dtype: str = "fp32", layer_steps=None,
                 gate_dtype: str | None = None, tolerance: Tolerance | None = None,
-                image_psnr_db: float | None = None, workdir: str | None = None) -> Txt2ImgResult:
+                image_psnr_db: float | None = None, workdir: str | None = None, progress=None) -> Txt2ImgResult:
     """Reference (ldm's sampler, fp32) against the native pipeline (`dtype`) for one txt2img request.
     The gates use `gate_dtype`'s defaults (default: `dtype`), or `tolerance` / `image_psnr_db`.
     The image size defaults to the model's usual latent side (harness.default_size: 64 for SD v1, so
@@ -418,6 +421,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
     gate_dtype = dtype_key(gate_dtype or dtype)
     tol = tolerance or latent_tolerance(gate_dtype)
     psnr_min = IMAGE_PSNR_DB[gate_dtype] if image_psnr_db is None else float(image_psnr_db)
+    progress = progress or no_progress  # progress(what, done, total, unit) as steps and layers complete
     deterministic()
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-txt2img-"))
@@ -448,8 +452,12 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
 
         gen = torch.Generator().manual_seed(seed)
         x_T = torch.randn((1, ucfg.out_channels, h, w), generator=gen, dtype=torch.float32)  # as the pipeline
-        run = run_reference(ref, sampler, steps, x_T, ref_c, ref_uc, scale, eta, gen, set(chosen), spacing)
-        free = [x.float().cpu() for x in P.txt2img(models, req)]
+        run = run_reference(ref, sampler, steps, x_T, ref_c, ref_uc, scale, eta, gen, set(chosen), spacing,
+                            on_step=lambda done: progress("reference sampler", done, n, "step"))
+        free = []
+        for x in P.txt2img(models, req):
+            free.append(x.float().cpu())
+            progress("native sampler", len(free), n, "step")
         if not len(free) == len(run.latents) == n:
             raise AssertionError(f"step counts differ: native {len(free)}, reference {len(run.latents)}, expected {n}")
 
@@ -462,6 +470,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                 tf = {**compare(x, run.latents[i]), "start_max_abs": dev_start}
                 records.append({"step": i, "t": run.timesteps[i], FREE: compare(free[i], run.latents[i]),
                                 TEACHER: tf, "failures": check(tf, tol)[1]})
+                progress("teacher-forced steps", i + 1, n, "step")
 
             ref_image = ref.decode(run.latents[-1])
             native_image = P.decode(models, free[-1])
@@ -480,7 +489,9 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                                                                           " (scale 1: one half)"),
                         "shapes": {k: list(v.shape) for k, v in inp.items()}}
                 layers[s] = compare_layers("unet", ref.unet, unet, ucfg, fmt, to_device(inp, dev), ndtype, dtype,
-                                           dev, layer_tol, desc, work)
+                                           dev, layer_tol, desc, work,
+                                           progress=lambda what, done, total, unit="layer", s=s:
+                                           progress(f"step {s} {what}", done, total, unit))
 
         inputs = {"checkpoint": os.path.basename(checkpoint), "h5": os.path.basename(h5), "prompt": prompt,
                   "negative": negative, "seed": seed,

@@ -47,7 +47,7 @@ def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("hostile_base")
     h5, st = str(d / "tiny.h5"), str(d / "tiny.safetensors")
     marks = []
-    convert(SRC, h5, progress=lambda n: marks.append(time.monotonic()))
+    convert(SRC, h5, progress=lambda n, total: marks.append(time.monotonic()))
     export(h5, st)
     with open_checkpoint(SRC) as ck:
         sd = {k: ck.tensor(k) for k in ck.keys()}
