@@ -164,6 +164,12 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
+def _config_text(cfg: dict) -> str:
+    """A component's config on one line, under the names the layout stores (docs/layout.md)."""
+    return " ".join(f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, (list, dict)) else v}"
+                    for k, v in cfg.items())
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
@@ -180,6 +186,10 @@ def inspect(file, as_json):
                    f"from {info.get('source_file')} [{info.get('source_format')}], dtype policy {info.get('dtype_policy')}")
         for name, c in info["components"].items():
             click.echo(f"  /{name:<11} {c['datasets']:>5} datasets {_human_bytes(c['bytes']):>11}  {c['dtypes']}")
+        click.echo("  config:")
+        for name, c in info["components"].items():
+            if c.get("config"):
+                click.echo(f"    {name:<11} {_config_text(c['config'])}")
         return
     click.echo(f"{file}: {info['container']} ({info['wrapper']}), {info['tensors']} tensors, "
                f"{_human_bytes(info['bytes'])}, dtypes {info['dtypes']}")
@@ -188,6 +198,10 @@ def inspect(file, as_json):
                + f", EMA {'present' if info['ema'] else 'absent'}")
     for name, n in info["components"].items():
         click.echo(f"  {name:<11} {n:>5} keys")
+    if info.get("configs"):
+        click.echo("  config (inferred from the tensors' shapes; the UNet's heads are not stored: --num-heads):")
+    for name, cfg in (info.get("configs") or {}).items():
+        click.echo(f"    {name:<11} {_config_text(cfg)}")
     if info.get("error"):
         click.echo(f"  unsupported: {info['error']}")
     if info.get("unknown_keys"):
