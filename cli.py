@@ -13,9 +13,10 @@ import click
 
 from . import __version__
 from .models import partial as partials
+from .models.components import NAMES
 from .models.errors import SdportError
 
-COMPONENT_NAMES = ("unet", "text_model", "vit", "encoder", "decoder")
+COMPONENT_NAMES = NAMES
 MAX_ERROR = 400  # characters of an error line
 EXPORT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # what `export` writes: safetensors, else a zip
 
@@ -240,7 +241,7 @@ def verify(file):
             click.echo(f"  {p}", err=True)
         sys.exit(1)
     click.echo(f"{file}: ok (layout version {version}; " + ", ".join(f"/{k} {n} datasets" for k, n in counts.items())
-               + f"; every config builds its model, every dataset has its shape and sha256)")
+               + "; every config builds its model, every dataset has its shape and sha256)")
 
 
 def _components_option(value):

@@ -40,7 +40,7 @@ def compare(comp: str, ckpt: str, h5: str) -> dict:
     g = torch.Generator().manual_seed(0)
     native = load_model(h5, comp)
     if comp == "unet":
-        from sdport.fixtures.reference_unet import build_reference
+        from sdport.parity.reference.unet import build_reference
 
         with torch.device("meta"):
             ref = build_reference(native.config)
@@ -50,7 +50,7 @@ def compare(comp: str, ckpt: str, h5: str) -> dict:
         t = torch.tensor([981, 1])
         outs = [(native(x, t, c), ref(x, t, context=c))]
     elif comp in ("encoder", "decoder"):
-        from sdport.fixtures.reference_vae import ReferenceVAE
+        from sdport.parity.reference.vae import ReferenceVAE
 
         with torch.device("meta"):
             ref = ReferenceVAE(native.config)
@@ -63,7 +63,7 @@ def compare(comp: str, ckpt: str, h5: str) -> dict:
             (m, lv), (rm, rlv) = native(img), ref.encode(img)
             outs = [(m, rm), (lv, rlv)]
     elif comp == "text_model":
-        from sdport.fixtures.reference_clip import build_text_reference
+        from sdport.parity.reference.clip import build_text_reference
 
         # Built on the CPU, not on meta: a meta-built transformers model loaded with assign=True
         # computes something else (rel_l2 0.92 against the same weights loaded normally).

@@ -45,8 +45,8 @@ def source_state_dict(ckpt: str, prefix: str) -> dict[str, torch.Tensor]:
 
 def original_config(ucfg, vcfg) -> dict:
     """The slice of a CompVis yaml that diffusers' single-file helpers read."""
-    from sdport.fixtures.reference_unet import ldm_kwargs
-    from sdport.fixtures.reference_vae import ddconfig
+    from sdport.parity.reference.unet import ldm_kwargs
+    from sdport.parity.reference.vae import ddconfig
 
     return {"model": {"params": {
         "scale_factor": 0.18215,
@@ -57,11 +57,12 @@ def original_config(ucfg, vcfg) -> dict:
 
 def configs(h5: str):
     from sdport.models.layout import LayoutReader
-    from sdport.models.load import MODELS
+    from sdport.models.components import COMPONENTS
     from sdport.models.config import from_dict
 
     with LayoutReader(h5) as r:
-        return (from_dict(MODELS["unet"][0], r.config("unet")), from_dict(MODELS["decoder"][0], r.config("decoder")))
+        return (from_dict(COMPONENTS["unet"].config, r.config("unet")),
+                from_dict(COMPONENTS["decoder"].config, r.config("decoder")))
 
 
 def load_unet(impl: str, ckpt: str, h5: str, dtype: torch.dtype, opts):
@@ -77,7 +78,7 @@ def load_unet(impl: str, ckpt: str, h5: str, dtype: torch.dtype, opts):
             m = m.to(memory_format=torch.channels_last)
         return m, lambda x, t, c: m(x, t, c)
     if impl == "ldm":
-        from sdport.fixtures.reference_unet import build_reference
+        from sdport.parity.reference.unet import build_reference
 
         with torch.device("meta"):
             m = build_reference(ucfg)
@@ -113,7 +114,7 @@ def load_decoder(impl: str, ckpt: str, h5: str, dtype: torch.dtype, opts):
             m = m.to(memory_format=torch.channels_last)
         return m, lambda z: m(z)
     if impl == "ldm":
-        from sdport.fixtures.reference_vae import ReferenceVAE
+        from sdport.parity.reference.vae import ReferenceVAE
 
         with torch.device("meta"):
             m = ReferenceVAE(vcfg)

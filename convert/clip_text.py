@@ -18,6 +18,7 @@ SOURCE_PREFIX = "cond_stage_model.transformer.text_model."
 # under the wrapper (`cond_stage_model.transformer.embeddings.*`, `...encoder.layers.*`, `...final_layer_norm.*`),
 # which is what diffusers' conversion script writes from a current transformers model.
 FLAT_PREFIX = "cond_stage_model.transformer."
+PROBE = "embeddings.token_embedding.weight"
 
 IGNORED: list[tuple[str, str]] = [
     (r"^embeddings\.position_ids$",

@@ -213,16 +213,9 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
     wrapped ({"state_dict": ...}) unless `wrapper="flat"`. Returns tensors written per component.
     """
     from ..models.load import load_model, read_config
-    from . import clip_text, unet, vae, vit
+    from .sources import source
 
     check_export_destination(h5, out, force=force)
-    rows_of = {
-        "unet": lambda c, f: unet.rows(c),
-        "text_model": lambda c, f: clip_text.rows(c),
-        "encoder": lambda c, f: vae.encoder_rows(c),
-        "decoder": lambda c, f: vae.decoder_rows(c),
-        "vit": lambda c, f: vit.rows(c, f),
-    }
     sd: dict[str, torch.Tensor] = {}
     counts = {}
     with LayoutReader(h5) as r:
@@ -238,7 +231,7 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
             prefix, fmt = ga.get("source_prefix", ""), ga.get("source_format", "compvis")
             if not (isinstance(prefix, str) and isinstance(fmt, str)):
                 raise LayoutError(f"{h5}: /{name} attributes source_prefix and source_format must be strings")
-            rows: list[Row] = rows_of[name](cfg, fmt)
+            rows: list[Row] = source(name, fmt).rows(cfg)
             for row in rows:
                 for k, t in inverse(row, r.tensor(name, row.native).clone()).items():
                     sd[prefix + k] = t

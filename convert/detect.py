@@ -13,7 +13,8 @@ import torch
 from ..models import load as native
 from ..models.config import to_dict
 from ..models.errors import SdportError
-from . import clip_text, unet, vae, vit
+from . import unet
+from .sources import SOURCES, TEXT_TO_IMAGE, Source, source
 from .table import Row, UnsupportedCheckpoint, invert
 
 # The LatentDiffusion buffers that describe the noise schedule (stored under /schedule).
@@ -42,6 +43,7 @@ class ComponentPlan:
     rows: list[Row]
     key_of: dict[str, str]  # relative source key -> full checkpoint key actually read
     expected: dict[str, tuple]  # full key -> expected shape
+    source: Source  # the source layout it was read from (convert/sources.py)
 
     @property
     def config_dict(self) -> dict:
@@ -60,15 +62,14 @@ class Plan:
 
     @property
     def family(self) -> str:
-        if set(self.components) & {"unet", "text_model", "encoder", "decoder"}:
-            return "sd-v1"
-        return "clip-vit" if "vit" in self.components else "unknown"
+        families = [c.source.family for c in self.components.values()]
+        return "sd-v1" if "sd-v1" in families else (families[0] if families else "unknown")
 
     @property
     def variant(self) -> str:
-        u = self.components.get("unet")
+        u = next((c for c in self.components.values() if c.source.evidence), None)  # the UNet's in-channels decide
         if u is None:
-            if "vit" in self.components:
+            if self.family == "clip-vit":
                 return "image-encoder"
             return "partial" if self.components else "none"
         return "inpainting" if u.config.in_channels == 9 else "txt2img"
@@ -98,76 +99,33 @@ def _ignored(patterns, rel: str):
     return None
 
 
-# Probe key (relative to the prefix) that says a component is there.
-PROBES = {"unet": "input_blocks.0.0.weight", "text_model": "embeddings.token_embedding.weight",
-          "encoder": "encoder.conv_in.weight", "decoder": "decoder.conv_in.weight"}
-# Where else a component's keys sit, tried in order when the CompVis probe key is absent: a CompVis
-# checkpoint whose text encoder has transformers >= 5.6 names (no `text_model.` level); a file that holds
-# the component alone: a standalone VAE (`encoder.*`, `decoder.*`, `quant_conv.*` at the root, as the
-# fine-tuned SD VAEs ship), a UNet extracted from a CompVis checkpoint, a transformers CLIPTextModel state
-# dict (`text_model.*`). The prefix is stored with the component, so export writes the keys back as they were.
-OTHER_PREFIXES = {"unet": ("",), "text_model": (clip_text.FLAT_PREFIX, "text_model."), "encoder": ("",),
-                  "decoder": ("",)}
-
-
-def _prefix(name: str, compvis: str, infos) -> str:
-    """The CompVis prefix, unless only another layout's probe key is there."""
-    if compvis + PROBES[name] in infos:
-        return compvis
-    return next((p for p in OTHER_PREFIXES[name] if p + PROBES[name] in infos), compvis)
-
-
-def _specs(infos):
-    """(component, prefix, source format, infer(shapes) -> config, rows(config), ignored patterns)."""
-    keys = list(infos)
-    vae_prefix = _prefix("encoder", vae.SOURCE_PREFIX, infos)
-    if vae_prefix == vae.SOURCE_PREFIX:
-        vae_prefix = _prefix("decoder", vae.SOURCE_PREFIX, infos)
-    specs = [
-        ("unet", _prefix("unet", unet.SOURCE_PREFIX, infos), "compvis", unet.infer_config, unet.rows, unet.IGNORED),
-        ("text_model", _prefix("text_model", clip_text.SOURCE_PREFIX, infos), "compvis", clip_text.infer_config,
-         clip_text.rows, clip_text.IGNORED),
-        ("encoder", vae_prefix, "compvis", vae.infer_config, vae.encoder_rows, vae.IGNORED),
-        ("decoder", vae_prefix, "compvis", vae.infer_config, vae.decoder_rows, vae.IGNORED),
-    ]
-    try:
-        source = vit.detect_source(keys)
-    except UnsupportedCheckpoint:
-        source = None
-    if source is not None:
-        specs.append(("vit", vit.SOURCES[source], source,
-                      lambda s, _src=source: vit.infer_config(s, _src),
-                      lambda c, _src=source: vit.rows(c, _src), vit.IGNORED))
-    return specs
-
-
-def _present(name: str, prefix: str, rel: dict) -> bool:
-    return PROBES[name] in rel if name in PROBES else bool(rel)
-
-
 def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = None) -> Plan:
     """Map every key of `ckpt` (a convert.checkpoint.Checkpoint) to a destination."""
     infos = ckpt.infos
     out = Plan()
     claimed: set[str] = set()
     found: set[str] = set()  # components present, selected or not
-    for name, prefix, fmt, infer, rows_of, ignored in _specs(infos):
+    for src in SOURCES:
+        name, fmt, infer, rows_of, ignored = src.component, src.format, src.infer_config, src.rows, src.ignored
+        if name in found:
+            continue  # an earlier source layout of the same component is there
+        prefix = src.prefix(infos)
         rel = _rel_shapes(infos, prefix)
         use_ema = False
-        if name == "unet":
+        if src.ema:
             has_ema = any(k.startswith(EMA_PREFIX) and k not in ("model_ema.decay", "model_ema.num_updates") for k in infos)
             out.ema = {"present": has_ema, "policy": ema, "used": False, "differs": None}
             if ema == "use" and not has_ema:
                 raise SdportError(f"{ckpt.path}: --ema use, but the checkpoint has no model_ema.* weights")
-            if not _present(name, prefix, rel) and has_ema and ema != "ignore":
+            if not src.present(rel) and has_ema and ema != "ignore":
                 use_ema = True  # an EMA-only checkpoint: the EMA copy is the model
             use_ema = use_ema or (ema == "use")
-        if not _present(name, prefix, rel) and not use_ema:
+        if not src.present(rel) and not use_ema:
             continue
-        if name == "unet" and not rel:
+        if src.ema and not rel:
             rel = _ema_rel_shapes(infos)  # an EMA-only checkpoint
         try:
-            config = infer(rel, num_heads=num_heads) if name == "unet" and num_heads else infer(rel)
+            config = infer(rel, num_heads=num_heads) if src.num_heads and num_heads else infer(rel)
         except UnsupportedCheckpoint as e:
             raise UnsupportedCheckpoint(f"{ckpt.path}: {e}") from None
         rows = rows_of(config)
@@ -185,19 +143,20 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
                                             f"{list(shape)} for the inferred {name} config")
         claimed.update(key_of.values())
         found.add(name)
-        if name == "unet":
+        if src.ema:
             out.ema["used"] = use_ema
-            out.evidence["unet_in_channels"] = {"key": key_of["input_blocks.0.0.weight"],
-                                                "shape": list(infos[key_of["input_blocks.0.0.weight"]].shape)}
+        if src.evidence:
+            out.evidence[f"{name}_in_channels"] = {"key": key_of[src.evidence],
+                                                   "shape": list(infos[key_of[src.evidence]].shape)}
         if components is None or name in components:
-            out.components[name] = ComponentPlan(name, prefix, fmt, config, rows, key_of, expected)
+            out.components[name] = ComponentPlan(name, prefix, fmt, config, rows, key_of, expected, src)
         else:
             for k in key_of.values():
                 out.ignored[k] = f"component '{name}' not selected (--components)"
         for k in infos:
             if k.startswith(prefix) and k not in claimed and k not in out.ignored:
                 reason = _ignored(ignored, k[len(prefix):])
-                if name == "unet" and use_ema and k[len(prefix):] in key_of:
+                if use_ema and k[len(prefix):] in key_of:
                     reason = "non-EMA UNet weights; not used (--ema use)"
                 if reason:
                     out.ignored[k] = reason
@@ -205,7 +164,7 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
         if k in infos:
             out.schedule.append(k)
             claimed.add(k)
-    u = out.components.get("unet")
+    u = next((c for c in out.components.values() if c.source.ema), None)
     for k in infos:
         if k in claimed or k in out.ignored:
             continue
@@ -221,13 +180,14 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
                 out.unknown.append(k)
         else:
             out.unknown.append(k)
-    if "unet" in found and found & {"encoder", "decoder"} and "text_model" not in found:
-        # an SD checkpoint without its text encoder converts, but cannot generate from text alone: say so
-        te = [k for k in out.unknown if k.startswith("cond_stage_model.")]
-        out.warnings.append(
-            "no CLIP text encoder found next to the UNet and VAE"
-            + (f" ({len(te)} cond_stage_model.* key(s) in no supported layout, e.g. '{te[0]}')" if te else "")
-            + "; txt2img, img2img and inpaint need one")
+    for denoiser, vae_halves, text, title, others in TEXT_TO_IMAGE:
+        if denoiser in found and found & set(vae_halves) and text not in found:
+            root = source(text).prefixes[0].split(".")[0] + "."  # where its keys would have been
+            stray = [k for k in out.unknown if k.startswith(root)]
+            out.warnings.append(
+                f"no {title} found next to {others}"
+                + (f" ({len(stray)} {root}* key(s) in no supported layout, e.g. '{stray[0]}')" if stray else "")
+                + "; txt2img, img2img and inpaint need one")
     return out
 
 

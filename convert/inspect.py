@@ -7,22 +7,11 @@ from ..models.errors import SdportError
 from ..models.layout import SCHEDULE, LayoutReader
 from .checkpoint import open_checkpoint, sniff
 from .detect import EMA_PREFIX, SCHEDULE_KEYS, plan
+from .sources import SOURCES, key_prefixes
 
-# Key prefixes that name the components of a CompVis (and CLIP) checkpoint.
-PREFIXES = {
-    "model.diffusion_model.": "unet",
-    "model_ema.": "unet_ema",
-    "cond_stage_model.transformer.text_model.": "text_model",
-    "cond_stage_model.transformer.": "text_model",  # transformers >= 5.6 names: no text_model. level
-    "cond_stage_model.model.visual.": "vit",
-    "visual.": "vit",
-    "vision_model.": "vit",
-    "visual_projection.": "vit",
-    "first_stage_model.encoder.": "encoder",
-    "first_stage_model.quant_conv.": "encoder",
-    "first_stage_model.decoder.": "decoder",
-    "first_stage_model.post_quant_conv.": "decoder",
-}
+# Key prefixes that name the components of a checkpoint: where each source layout keeps its keys, and
+# ldm's EMA copy of the denoiser.
+PREFIXES = {**key_prefixes(), **{EMA_PREFIX: f"{s.component}_ema" for s in SOURCES if s.ema}}
 
 
 def _component_of(key: str) -> str | None:
@@ -51,9 +40,9 @@ def inspect_checkpoint(path: str) -> dict:
             "metadata": {k: v for k, v in ck.metadata.items() if k != "__metadata__"} or ck.metadata.get("__metadata__", {}),
             "non_tensor_entries": ck.non_tensors,
         }
-        if "model.diffusion_model.input_blocks.0.0.weight" in ck.infos:
-            shape = list(ck.infos["model.diffusion_model.input_blocks.0.0.weight"].shape)
-            info["unet_in_channels"] = shape[1]
+        for s in SOURCES:
+            if s.evidence and s.prefixes[0] + s.evidence in ck.infos:
+                info[f"{s.component}_in_channels"] = list(ck.infos[s.prefixes[0] + s.evidence].shape)[1]
         try:
             p = plan(ck)
             info["family"], info["variant"] = p.family, p.variant

@@ -22,6 +22,7 @@ from ..models.unet import GROUPS, UNet, UNetConfig
 from .table import Block, Row, UnsupportedCheckpoint, invert
 
 SOURCE_PREFIX = "model.diffusion_model."
+PROBE = "input_blocks.0.0.weight"  # present in every UNet; its shape says the variant (4 or 9 input channels)
 
 # Everything the SD v1 UNet stores under SOURCE_PREFIX is mapped; nothing is skipped.
 IGNORED: list[tuple[str, str]] = []

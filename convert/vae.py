@@ -14,6 +14,7 @@ from ..models.vae import NORM_GROUPS, VAEConfig, VAEDecoder, VAEEncoder
 from .table import Block, Row, UnsupportedCheckpoint, invert, shape_of
 
 SOURCE_PREFIX = "first_stage_model."
+PROBE_ENCODER, PROBE_DECODER = "encoder.conv_in.weight", "decoder.conv_in.weight"
 
 IGNORED: list[tuple[str, str]] = [
     (r"^loss\.", "training loss (LPIPS network, discriminator, logvar) that autoencoder checkpoints carry;"

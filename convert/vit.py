@@ -32,6 +32,8 @@ IGNORED: list[tuple[str, str]] = [
 ]
 
 _OPENAI_LIKE = ("openai", "compvis")
+# The "hf" layout has no prefix of its own: it is there when a key starts with one of these.
+PRESENT_IF = {"hf": ("vision_model.", "visual_projection.")}
 
 
 def _check_source(source: str) -> None:
@@ -42,12 +44,9 @@ def _check_source(source: str) -> None:
 def detect_source(keys) -> str:
     """Full (un-stripped) checkpoint keys -> the source layout name."""
     keys = list(keys)
-    if any(k.startswith(SOURCES["compvis"]) for k in keys):
-        return "compvis"
-    if any(k.startswith("visual.") for k in keys):
-        return "openai"
-    if any(k.startswith(("vision_model.", "visual_projection.")) for k in keys):
-        return "hf"
+    for source in ("compvis", "openai", "hf"):  # the order convert/sources.py tries them in
+        if any(k.startswith(PRESENT_IF.get(source, (SOURCES[source],))) for k in keys):
+            return source
     sample = keys[0] if keys else "<no keys>"
     raise UnsupportedCheckpoint(
         f"CLIP ViT: no key starts with {SOURCES['compvis']!r}, 'visual.' or 'vision_model.' (first key {sample!r})")

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from . import h5safe, partial as partials
+from .components import NAMES
 from .directio import DataWriter
 from .errors import BadFile, LayoutError, SdportError, cut
 from .filemap import FileMap
 
 FORMAT = "sdport"
 LAYOUT_VERSION = 1
-COMPONENTS = ("unet", "text_model", "vit", "encoder", "decoder")
+COMPONENTS = NAMES  # the groups that hold a component (models/components.py)
 SCHEDULE = "schedule"
 MAX_SCHEDULE = 10_000  # elements of a noise-schedule buffer (SD: 1,000 timesteps)
 

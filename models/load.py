@@ -7,26 +7,11 @@ import warnings
 
 import torch
 
-from . import clip, pack, quant, unet, vae
+from . import pack, quant
+from .components import component as entry
 from .config import from_dict
 from .errors import LayoutError, SdportError, cut
 from .layout import LayoutReader
-
-# layout group -> (config class, model class)
-MODELS = {
-    "unet": (unet.UNetConfig, unet.UNet),
-    "text_model": (clip.TextConfig, clip.TextEncoder),
-    "vit": (clip.VisionConfig, clip.VisionEncoder),
-    "encoder": (vae.VAEConfig, vae.VAEEncoder),
-    "decoder": (vae.VAEConfig, vae.VAEDecoder),
-}
-
-# Components whose forward keeps activations in channels-last memory format.
-CHANNELS_LAST = ("unet",)
-# Components whose Conv2d/Linear weights are reordered once into oneDNN's layout on a CPU (models/pack.py).
-# Not the VAE: a packed convolution returns channels-last output, and the VAE runs NCHW for its
-# GroupNorms' accuracy at 512x512.
-PACKED = ("unet",)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -53,10 +38,10 @@ def check_device_dtype(device, dtype, *, refuse: bool = False) -> None:
 
 def build(component: str, config) -> torch.nn.Module:
     """A native model for `config` (a config dataclass or its dict), with uninitialised weights."""
-    cfg_cls, model_cls = MODELS[component]
+    c = entry(component)
     if isinstance(config, dict):
-        config = from_dict(cfg_cls, config)
-    return model_cls(config)
+        config = from_dict(c.config, config)
+    return c.model(config)
 
 
 @contextlib.contextmanager
@@ -86,7 +71,7 @@ def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtyp
 
 def read_config(reader: LayoutReader, component: str):
     """The component's config from the file, type- and range-checked (LayoutError when it does not fit)."""
-    cfg_cls = MODELS[component][0]
+    cfg_cls = entry(component).config
     try:
         return from_dict(cfg_cls, reader.config(component))
     except (TypeError, ValueError) as e:
@@ -142,13 +127,13 @@ def _load(source, component, device, dtype, packed):
     if dtype is not None or torch.device(device).type != "cpu":  # the file's tensors are CPU tensors already
         model = model.to(device=device, dtype=dtype)
     if packed is None:
-        packed = component in PACKED and torch.device(device).type == "cpu"
+        packed = entry(component).packed and torch.device(device).type == "cpu"
     if packed:
         pack.pack(model, lazy=True)
         pack.pack_on_first_call(model)
     # Its activations run channels-last; NCHW conv weights would be reordered on every call
     # (full UNet, batch 2, 64x64, CPU: 10.9 s -> 9.8 s, bench/README.md).
-    _for_inference(model, channels_last=component in CHANNELS_LAST and str(device) != "meta")
+    _for_inference(model, channels_last=entry(component).channels_last and str(device) != "meta")
     check_device_dtype(device, next(model.parameters()).dtype)
     return model
 

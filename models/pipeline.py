@@ -122,7 +122,7 @@ class Models:
         model = self._loaded.get(component)
         if model is None:
             model = load_model(self.reader, component, device=self.device, dtype=self.dtype)
-            if component == "unet" and self.attention_chunk is not None:
+            if self.attention_chunk is not None and hasattr(model, "set_attention_chunk"):  # the attention models
                 model.set_attention_chunk(self.attention_chunk)
             if not self.low_memory:
                 self._loaded[component] = model

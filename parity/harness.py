@@ -22,17 +22,18 @@ from pathlib import Path
 
 import torch
 
+from ..models.components import NAMES
 from ..models.errors import SdportError, cut
 from ..models.load import DTYPES, load_model
 from ..models.layout import LayoutReader
 from . import golden
 from .capture import hooks, modules_by_name
+from .components import TEXT_ENCODER, Drawer, cast_floats, entry
 from .layers import LayerSpec, first_tensor, layer_map, native_args, reference_output
 from .metrics import METRICS, Tolerance, compare, default_tolerance
 from .report import ACCUMULATED, ISOLATED, MODES, Report, collect_versions, make_layer
 
-COMPONENTS = ("unet", "text_model", "vit", "encoder", "decoder")
-DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+COMPONENTS = NAMES
 
 
 class ParityError(SdportError):
@@ -79,139 +80,34 @@ def device_name(dev: torch.device) -> str:
 
 def default_size(component: str, cfg) -> int:
     """Spatial side of the drawn input: latents of 16 (tiny) / 64 (SD v1), images of 32 latent px."""
-    if component == "unet":
-        return 64 if cfg.model_channels >= 320 else 16
-    if component == "encoder":
-        return 32 * cfg.downscale
-    if component == "decoder":
-        return 32
-    if component == "vit":
-        return cfg.image_size
-    return cfg.max_positions
-
-
-MAX_INPUT_BATCH = 16  # a dump's inputs: at most this batch and twice the drawn size along each side
-
-
-def input_shapes(component: str, cfg, batch: int, side: tuple[int, ...]) -> dict[str, tuple]:
-    """The shape of each model input at `batch` and spatial size `side` ((H, W), or (L,) for tokens)."""
-    if component == "unet":
-        return {"x": (batch, cfg.in_channels, *side), "t": (batch,), "context": (batch, 77, cfg.context_dim)}
-    if component == "text_model":
-        return {"ids": (batch, *side)}
-    if component == "encoder":
-        return {"image": (batch, cfg.in_channels, *side)}
-    if component == "decoder":
-        return {"latent": (batch, cfg.embed_dim, *side)}
-    return {"pixels": (batch, 3, cfg.image_size, cfg.image_size)}
+    return entry(component).default_size(cfg)
 
 
 def check_input_shapes(component: str, cfg, shapes: dict[str, tuple], path: str) -> None:
-    """Refuse (before reading them) inputs that the model does not take or that are far larger than
-    the inputs parity draws: batch <= MAX_INPUT_BATCH, each spatial side <= 2x the drawn size."""
-    main = {"unet": "x", "text_model": "ids", "encoder": "image", "decoder": "latent", "vit": "pixels"}[component]
-    first = shapes.get(main, ())
-    batch = first[0] if first else 0
-    side = tuple(first[2:]) if component != "text_model" else tuple(first[1:])
-    limit = 2 * default_size(component, cfg)
-    if main in shapes and (not 1 <= batch <= MAX_INPUT_BATCH or not all(1 <= n <= limit for n in side)):
-        raise ParityError(f"{path}: inputs of batch {batch} and size {cut(list(side))} (at most batch "
-                          f"{MAX_INPUT_BATCH} and {limit} per side for this {component})")
-    want = input_shapes(component, cfg, batch, side)
-    if set(shapes) != set(want):
-        raise ParityError(f"{path}: inputs {cut(sorted(shapes))}; the {component} takes {sorted(want)}")
-    for name, shape in want.items():
-        fixed = [i for i in range(len(shape)) if not (component == "unet" and name == "context" and i == 1)]
-        got = shapes[name]
-        if len(got) != len(shape) or any(got[i] != shape[i] for i in fixed):
-            raise ParityError(f"{path}: input {name} has shape {cut(list(got))}, the {component} takes {list(shape)}")
-    if component == "unet" and not 1 <= shapes["context"][1] <= 2 * 77:
-        raise ParityError(f"{path}: a context of {shapes['context'][1]} tokens (at most {2 * 77})")
-    if component == "text_model" and side[0] > cfg.max_positions:
-        raise ParityError(f"{path}: {side[0]} token ids; the text encoder has {cfg.max_positions} positions")
-
-
-def prompts(prompt: str, batch: int) -> list[str]:
-    """Batch of texts: the empty (unconditional) prompt first, as classifier-free guidance pairs them."""
-    return [prompt] if batch == 1 else [""] + [prompt] * (batch - 1)
+    """Refuse (before reading them) inputs the model does not take or far larger than parity draws."""
+    entry(component).check_inputs(cfg, shapes, path)
 
 
 def draw_inputs(component: str, cfg, *, seed: int = 0, batch: int = 2, size: int | None = None,
                 prompt: str | None = None, encode_text=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Model inputs on the CPU from one seeded CPU generator (device-independent), and their
     description for the report. `encode_text(ids) -> context` gives the UNet a text context."""
-    g = torch.Generator("cpu").manual_seed(seed)
-    size = size or default_size(component, cfg)
-    desc = {"seed": seed, "generator": f"torch.Generator('cpu').manual_seed({seed}), draws in this order",
-            "batch": batch, "draws": []}
-    out: dict[str, torch.Tensor] = {}
-
-    def draw(name, how, t):
-        out[name] = t
-        desc["draws"].append({"name": name, "how": how, "shape": list(t.shape),
-                              "dtype": str(t.dtype).removeprefix("torch.")})
-
-    if component == "unet":
-        draw("x", "x_T = randn (standard normal)", torch.randn(batch, cfg.in_channels, size, size, generator=g))
-        draw("t", "randint(1, 1000): one timestep per batch item",
-             torch.randint(1, 1000, (batch,), generator=g))
-        desc["timesteps"] = out["t"].tolist()
-        if prompt is not None:
-            from ..models.tokenizer import default_tokenizer
-            tok = default_tokenizer()
-            texts = prompts(prompt, batch)
-            ids = torch.tensor([tok(s) for s in texts])
-            draw("context", f"native text encoder on token ids of {texts!r}", encode_text(ids).float().cpu())
-            desc["prompt"] = prompt
-        else:
-            draw("context", "randn (standard normal)", torch.randn(batch, 77, cfg.context_dim, generator=g))
-    elif component == "text_model":
-        from ..models.tokenizer import default_tokenizer
-        texts = prompts(prompt if prompt is not None else DEFAULT_PROMPT, batch)
-        ids = torch.tensor([default_tokenizer()(s) for s in texts])[:, :cfg.max_positions]
-        draw("ids", f"CLIP tokenizer on {texts!r} (no randomness)", ids)
-        desc["prompt"] = texts[-1]
-    elif component == "encoder":
-        draw("image", "rand * 2 - 1: uniform in [-1, 1)",
-             torch.rand(batch, cfg.in_channels, size, size, generator=g) * 2 - 1)
-    elif component == "decoder":
-        draw("latent", "randn (standard normal)", torch.randn(batch, cfg.embed_dim, size, size, generator=g))
-    elif component == "vit":
-        draw("pixels", "randn (standard normal; stands for CLIP-normalised pixels)",
-             torch.randn(batch, 3, size, size, generator=g))
-    else:
-        raise ParityError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
-    return out, desc
+    pc = entry(component)
+    d = Drawer(seed, batch)
+    pc.draw(cfg, d, size or pc.default_size(cfg), prompt, encode_text)
+    return d.inputs, d.desc
 
 
 def to_device(inputs: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def cast_floats(xs, dtype: torch.dtype):
-    """Floating tensors to `dtype`; integer tensors (token ids, timesteps) and the rest as they are."""
-    return tuple(x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs)
-
-
 def call_native(component: str, model, inputs: dict, dtype: torch.dtype):
-    if component == "unet":
-        return model(*cast_floats((inputs["x"],), dtype), inputs["t"], inputs["context"].to(dtype))
-    (x,) = inputs.values()
-    return model(*cast_floats((x,), dtype))
+    return entry(component).call_native(model, inputs, dtype)
 
 
 def call_reference(component: str, model, inputs: dict, source_format: str):
-    if component == "unet":
-        return model(inputs["x"], timesteps=inputs["t"], context=inputs["context"])
-    if component == "text_model":
-        return model(input_ids=inputs["ids"])
-    if component == "encoder":
-        return model.encode(inputs["image"])
-    if component == "decoder":
-        return model.decode(inputs["latent"])
-    if source_format == "hf":
-        return model(pixel_values=inputs["pixels"])
-    return model(inputs["pixels"])
+    return entry(component).call_reference(model, inputs, source_format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +137,7 @@ def load_reference(component: str, checkpoint: str, *, num_heads: int | None = N
     del sd
     # The VAE container holds encoder and decoder; only the other half may stay unloaded, and it is
     # dropped (its parameters hold no values).
-    other = {"encoder": ("decoder", "post_quant_conv"), "decoder": ("encoder", "quant_conv")}.get(component, ())
+    other = entry(component).other_half
     for name in other:
         setattr(model, name, None)
     # position_ids: a buffer that older transformers saved with the weights; the built value is right.
@@ -281,25 +177,7 @@ def _build_reference(component: str, cfg, source_format: str):
     ldm prints as it imports and builds ("No module 'xformers'", "making attention of type ...", "Working
     with z of shape ..."): that goes nowhere, so sdport's own output stays its own."""
     with parameters_on_meta(), contextlib.redirect_stdout(io.StringIO()):
-        return _reference_builder(component, source_format)(cfg)
-
-
-def _reference_builder(component: str, source_format: str):
-    # Reference packages are imported here only: `check` and the native side never reach this.
-    if component == "unet":
-        from ..fixtures.reference_unet import build_reference
-        return build_reference
-    if component in ("encoder", "decoder"):
-        from ..fixtures.reference_vae import build_reference
-        return build_reference
-    if component == "text_model":
-        from ..fixtures.reference_clip import build_text_reference
-        return build_text_reference
-    if source_format == "hf":
-        from ..fixtures.reference_clip import build_vision_reference
-        return build_vision_reference
-    from ..fixtures.reference_clip import build_openai_vision_reference
-    return build_openai_vision_reference
+        return entry(component).reference_builder(source_format)(cfg)
 
 
 def load_native(h5: str, component: str, device, dtype: torch.dtype):
@@ -324,7 +202,7 @@ def ensure_h5(checkpoint: str, h5: str | None, workdir: str, components) -> str:
 
 def text_encoder_fn(h5: str, device):
     """ids -> context with the native fp32 text encoder of `h5` (for --prompt on the UNet)."""
-    model, _, _ = load_native(h5, "text_model", device, torch.float32)
+    model, _, _ = load_native(h5, TEXT_ENCODER, device, torch.float32)
 
     @torch.no_grad()
     def encode(ids):
@@ -446,11 +324,7 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
                workdir: str | None = None, progress=None) -> ParityResult:
     """Reference vs native for one component. `patch_native(model)` may alter the native model
     before the run (tests plant faults that way); `progress(what, done, total)` as layers complete."""
-    if component not in COMPONENTS:
-        raise ParityError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
-    modes = tuple(m for m in MODES if m in modes)
-    if component not in COMPONENTS:
-        raise ParityError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
+    pc = entry(component)
     modes = tuple(m for m in MODES if m in modes)
     if not modes:
         raise ParityError("no mode: choose accumulated, isolated or both")
@@ -459,15 +333,14 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-parity-"))
-        need = [component] + (["text_model"] if component == "unet" and prompt is not None else [])
-        h5 = ensure_h5(checkpoint, h5, work, need)
+        text = pc.takes_prompt_context and prompt is not None
+        h5 = ensure_h5(checkpoint, h5, work, [component] + ([TEXT_ENCODER] if text else []))
         native, ncfg, fmt = load_native(h5, component, dev, ndtype)
         if patch_native is not None:
             patch_native(native)
-        ref, _, _ = load_reference(component, checkpoint,
-                                   num_heads=getattr(ncfg, "num_heads", None) if component == "unet" else None)
+        ref, _, _ = load_reference(component, checkpoint, **pc.reference_plan_options(ncfg))
         ref = ref.to(dev)
-        encode = text_encoder_fn(h5, dev) if component == "unet" and prompt is not None else None
+        encode = text_encoder_fn(h5, dev) if text else None
         cpu_inputs, desc = draw_inputs(component, ncfg, seed=seed, batch=batch, size=size, prompt=prompt,
                                        encode_text=encode)
         inputs = to_device(cpu_inputs, dev)
@@ -543,8 +416,8 @@ def record(component: str, checkpoint: str, out: str, *, stats_only: bool = Fals
         ref = ref.to(dev)
         specs, _ = layer_map(component, cfg, fmt)
         encode = None
-        if component == "unet" and prompt is not None:
-            encode = text_encoder_fn(ensure_h5(checkpoint, h5, work, ["text_model"]), dev)
+        if entry(component).takes_prompt_context and prompt is not None:
+            encode = text_encoder_fn(ensure_h5(checkpoint, h5, work, [TEXT_ENCODER]), dev)
         cpu_inputs, desc = draw_inputs(component, cfg, seed=seed, batch=batch, size=size, prompt=prompt,
                                        encode_text=encode)
         desc.update(checkpoint=os.path.basename(checkpoint), source_format=fmt)
@@ -582,9 +455,9 @@ def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = N
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
         dump = stack.enter_context(golden.ActivationReader(golden_path))
-        component = str(dump.attr("component"))
+        component = dump.attr("component")
         if component not in COMPONENTS:
-            raise ParityError(f"{golden_path}: component {component!r} is not one of {', '.join(COMPONENTS)}")
+            raise ParityError(f"{golden_path}: component {cut(repr(component))} is not one of {', '.join(COMPONENTS)}")
         if h5 is None:
             if checkpoint is None:
                 raise ParityError("parity check needs the converted .h5 (--h5) or the checkpoint")
@@ -593,9 +466,7 @@ def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = N
         native, cfg, _ = load_native(h5, component, dev, ndtype)
         check_input_shapes(component, cfg, dump.input_shapes(), golden_path)
         inputs = dump.inputs()
-        if component == "text_model" and inputs["ids"].numel() and not (
-                inputs["ids"].min() >= 0 and inputs["ids"].max() < cfg.vocab_size):
-            raise ParityError(f"{golden_path}: token ids outside 0..{cfg.vocab_size - 1}")
+        entry(component).check_values(cfg, inputs, golden_path)
         inputs = to_device(inputs, dev)
         acc, bit_exact = {}, {}
 

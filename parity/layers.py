@@ -19,16 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..convert import clip_text, unet, vae, vit
+from ..convert.sources import blocks_and_rows
+from .components import entry
 
-# Reference-call argument names a native block takes beyond its first input, by (component, kind).
-# The mapping table's docstrings fix the signatures: UNet resnet (x, emb), transformer (x, context), ...
-EXTRA_INPUTS: dict[tuple[str, str], tuple[str, ...]] = {
-    ("unet", "resnet"): ("emb",),
-    ("unet", "transformer"): ("context",),
-    ("unet", "transformer_block"): ("context",),
-    ("unet", "cross_attention"): ("context",),
-}
 
 # Transforms that turn a reference 1x1 conv on [B, C, H, W] into a native linear on tokens [B, HW, C].
 _TOKEN_TRANSFORMS = ("conv1x1_to_linear", "concat_conv1x1_to_linear")
@@ -53,21 +46,6 @@ class LayerSpec:
         if len(heads) != 1:
             return "+".join(self.reference)
         return f"{heads.pop()}.{{{','.join(r.rpartition('.')[2] for r in self.reference)}}}"
-
-
-def blocks_and_rows(component: str, cfg, source_format: str = "compvis"):
-    """The component's mapping table: (blocks, rows)."""
-    if component == "unet":
-        return unet.blocks(cfg), unet.rows(cfg)
-    if component == "text_model":
-        return clip_text.blocks(cfg), clip_text.rows(cfg)
-    if component == "encoder":
-        return vae.encoder_blocks(cfg), vae.encoder_rows(cfg)
-    if component == "decoder":
-        return vae.decoder_blocks(cfg), vae.decoder_rows(cfg)
-    if component == "vit":
-        return vit.blocks(cfg, source_format), vit.rows(cfg, source_format)
-    raise ValueError(f"unknown component {component!r}")
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -140,7 +118,7 @@ def native_args(component: str, spec: LayerSpec, args: tuple, kwargs: dict) -> t
     if spec.pool_token:
         x = x[:, 0]  # [B, T, D] -> [B, D]: the native norm sees the class token only
     extra = []
-    for i, name in enumerate(EXTRA_INPUTS.get((component, spec.kind), ())):
+    for i, name in enumerate(entry(component).extra_inputs.get(spec.kind, ())):
         v = kwargs.get(name) if name in kwargs else (args[1 + i] if len(args) > 1 + i else None)
         if v is None:
             raise ValueError(f"reference {spec.reference_name} was called without its {name!r} input")

@@ -140,7 +140,7 @@ class ReferencePipeline:
         self.device = torch.device(device)
         self.parts: dict[str, torch.nn.Module] = {}
         for c in components:
-            m, _, _ = load_reference(c, checkpoint, num_heads=num_heads if c == "unet" else None)
+            m, _, _ = load_reference(c, checkpoint, num_heads=num_heads)  # used by the sources whose heads no shape says
             self.parts[c] = m.to(self.device)
         schedule, self.note = reference_schedule(checkpoint)
         self.model = StandIn(self.parts.get("unet"), schedule, self.device)

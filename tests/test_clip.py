@@ -8,7 +8,7 @@ import torch
 
 from sdport.convert import clip_text, table, vit
 from sdport.convert.table import UnsupportedCheckpoint
-from sdport.fixtures.reference_clip import (build_openai_vision_reference, build_text_reference,
+from sdport.parity.reference.clip import (build_openai_vision_reference, build_text_reference,
                                             build_vision_reference, openai_visual_state_dict)
 from sdport.models.clip import TextConfig, TextEncoder, VisionConfig, VisionEncoder
 from sdport.models.config import from_dict, to_dict

@@ -306,7 +306,7 @@ def _rel_l2(a, r):
 @pytest.mark.parametrize("variant", ["lightning", "inpaint", "safetensors"])
 def test_unet_from_h5_matches_ldm(variants, converted, variant):
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from sdport.fixtures.reference_unet import ldm_kwargs
+    from sdport.parity.reference.unet import ldm_kwargs
 
     native = load_model(converted[variant], "unet")
     ref = UNetModel(**ldm_kwargs(native.config)).eval()
@@ -321,7 +321,7 @@ def test_unet_from_h5_matches_ldm(variants, converted, variant):
 
 
 def test_text_vae_vit_from_h5_match_references(variants, converted):
-    from sdport.fixtures import reference_clip, reference_vae
+    from sdport.parity.reference import clip as reference_clip, vae as reference_vae
     from sdport.models.clip import TextConfig, VisionConfig
     from sdport.models.vae import VAEConfig
 

@@ -10,7 +10,7 @@ import torch
 from sdport.convert import table
 from sdport.convert import unet as cu
 from sdport.convert.table import UnsupportedCheckpoint
-from sdport.fixtures.reference_unet import build_reference, ldm_kwargs
+from sdport.parity.reference.unet import build_reference, ldm_kwargs
 from sdport.models.config import from_dict, to_dict
 from sdport.models.unet import UNet, UNetConfig
 

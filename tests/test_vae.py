@@ -6,7 +6,7 @@ import torch
 from sdport.convert import table
 from sdport.convert import vae as vt
 from sdport.convert.table import UnsupportedCheckpoint
-from sdport.fixtures.reference_vae import build_reference, ddconfig
+from sdport.parity.reference.vae import build_reference, ddconfig
 from sdport.models.config import from_dict, to_dict
 from sdport.models.vae import VAEConfig, VAEDecoder, VAEEncoder
 
