@@ -12,7 +12,7 @@ import threading
 import click
 
 from . import __version__
-from .models import partial as partials
+from .models.storage import partial as partials
 from .models.components import NAMES
 from .models.errors import SdportError
 
@@ -216,7 +216,7 @@ def inspect(file, as_json):
 def verify(file):
     """Check an sdport .h5 file: layout version, every component's config and datasets (names and
     shapes, as the loader would), and every dataset's sha256. Exit 1 when anything is wrong."""
-    from .models.layout import COMPONENTS, SCHEDULE, LayoutReader, verify as check
+    from .models.storage.layout import COMPONENTS, SCHEDULE, LayoutReader, verify as check
     from .models.load import check_datasets
 
     problems, counts = [], {}
@@ -643,7 +643,7 @@ def _layout_gate(h5, component):
     defaults (those `convert --quantize` is measured against), not by its compute dtype's; else None."""
     if not h5:
         return None
-    from .models.layout import LayoutReader
+    from .models.storage.layout import LayoutReader
 
     with LayoutReader(h5) as r:
         return "int8" if r.has(component) and r.quantized(component) else None

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-from sdport.models import cpu_attention  # noqa: E402
+from sdport.models.cpu import attention as cpu_attention  # noqa: E402
 
 
 def bmm_attention(q, k, v, chunk: int):

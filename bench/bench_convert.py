@@ -71,7 +71,7 @@ def main(argv=None):
             print(f"[run {i + 1}, {a.cache}] cp {cp_s[-1]:.2f} s, cp + sync {cp_sync_s[-1]:.2f} s, convert "
                   f"{conv[-1]['seconds']:.2f} s at {conv[-1]['peak_rss_mib']:.0f} MiB peak", file=sys.stderr,
                   flush=True)
-        from sdport.models.layout import verify
+        from sdport.models.storage.layout import verify
 
         problems = verify(out)
     finally:

@@ -43,7 +43,7 @@ def timed(fn) -> dict:
 def write_file(src: memoryview, out: str, direct: bool) -> dict:
     import numpy as np
 
-    from sdport.models.directio import DataWriter, write_all
+    from sdport.convert.directio import DataWriter, write_all
 
     with open(out, "wb"):
         pass

@@ -6,10 +6,10 @@
 "Ready to run" = the native module built with every parameter in place and every byte touched
 (a sum over each weight), so lazy memory maps pay their page faults inside the timing. Readers:
   sdport       models.load.load_model(h5): memory-mapped datasets; on a CPU the UNet's Conv2d/Linear
-               modules pack their weights into oneDNN's layout on their first call (models/pack.py)
+               modules pack their weights into oneDNN's layout on their first call (models/cpu/pack.py)
   sdport-eager load_model(h5) + pack.pack_all: every weight reordered into oneDNN's layout up front
   sdport-map-each  load_model(h5) with a memory map per dataset, the reader's fallback when one map
-               of the whole file is refused (models/filemap.py)
+               of the whole file is refused (models/storage/filemap.py)
   sdport-unpacked  load_model(h5, packed=False): memory-mapped, UNet conv weights copied channels-last
   layout-mmap  LayoutReader.state_dict (memory-mapped datasets) + build + load_state_dict(assign): the
                layout read on its own, done exactly as the safetensors row does it
@@ -37,11 +37,11 @@ import time, torch
 from common import current_rss_mib, peak_rss_mib
 base = current_rss_mib()
 h5, st, comp, reader, first_call, side = {h5!r}, {st!r}, {comp!r}, {reader!r}, {first_call!r}, {side!r}
-from sdport.models import pack
+from sdport.models.cpu import pack
 from sdport.models.load import load_model, build
-from sdport.models.layout import LayoutReader
+from sdport.models.storage.layout import LayoutReader
 if reader == "sdport-map-each":
-    from sdport.models import filemap
+    from sdport.models.storage import filemap
     def refuse(*args, **kwargs):
         raise OSError("one map per dataset, for this benchmark")
     filemap._Whole = refuse
@@ -101,7 +101,7 @@ def safetensors_copy(h5: str, comp: str) -> str:
     out = os.path.splitext(h5)[0] + f".{comp}.safetensors"
     if not os.path.exists(out):
         from safetensors.torch import save_file
-        from sdport.models.layout import LayoutReader
+        from sdport.models.storage.layout import LayoutReader
 
         with LayoutReader(h5) as r:
             save_file({k: t.contiguous() for k, t in r.state_dict(comp).items()}, out + ".partial")

@@ -48,9 +48,9 @@ def ru_maxrss_mib():
 
 UNET_CHILD = PROC + r'''
 import time, torch
-from sdport.models import pack
+from sdport.models.cpu import pack
 from sdport.models.load import load_model
-from sdport.models.layout import LayoutReader
+from sdport.models.storage.layout import LayoutReader
 h5, dtype, chunk, batch, latent, ref = {h5!r}, {dtype!r}, {chunk!r}, {batch!r}, {latent!r}, {ref!r}
 base = status()
 t0 = time.perf_counter()
@@ -145,7 +145,7 @@ def parse_chunks(text: str) -> list[int | None]:
 
 def attention_shape(h5: str, batch: int, latent: int) -> tuple[int, int, int, int]:
     """[B, heads, tokens, head_dim] of the first (largest) self-attention."""
-    from sdport.models.layout import LayoutReader
+    from sdport.models.storage.layout import LayoutReader
 
     with LayoutReader(h5) as r:
         cfg = r.config("unet")

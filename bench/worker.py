@@ -56,7 +56,7 @@ def original_config(ucfg, vcfg) -> dict:
 
 
 def configs(h5: str):
-    from sdport.models.layout import LayoutReader
+    from sdport.models.storage.layout import LayoutReader
     from sdport.models.components import COMPONENTS
     from sdport.models.config import from_dict
 

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..models import partial as partials, quant
+from ..models import quant
+from ..models.storage import partial as partials
 from ..models.errors import LayoutError, SdportError
-from ..models.layout import MAX_SCHEDULE, SCHEDULE, LayoutReader, LayoutWriter, file_sha256
+from ..models.storage.layout import MAX_SCHEDULE, SCHEDULE, LayoutReader, file_sha256
 from .checkpoint import open_checkpoint
 from .detect import LATENT_SCALE_SD_V1, Plan, plan
 from .table import Row, forward, inverse
+from .writer import LayoutWriter
 
 CAST = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTIZE = ("int8",)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ..models.errors import SdportError
-from ..models.layout import SCHEDULE, LayoutReader
+from ..models.storage.layout import SCHEDULE, LayoutReader
 from .checkpoint import open_checkpoint, sniff
 from .detect import EMA_PREFIX, SCHEDULE_KEYS, plan
 from .sources import SOURCES, key_prefixes

@@ -20,7 +20,7 @@ class Component:
     classes: tuple[str, str]  # names (the CLI's choices) needs no torch: (config class, model class)
     inputs: tuple[str, ...]  # the forward's inputs, in call order
     channels_last: bool = False  # activations run channels-last (its 4-D weights are stored so once loaded)
-    packed: bool = False  # Conv2d/Linear weights reordered into oneDNN's layout on a CPU (models/pack.py)
+    packed: bool = False  # Conv2d/Linear weights reordered into oneDNN's layout on a CPU (models/cpu/pack.py)
 
     @property
     def config(self) -> type:

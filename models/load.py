@@ -7,11 +7,12 @@ import warnings
 
 import torch
 
-from . import pack, quant
+from . import quant
+from .cpu import pack
 from .components import component as entry
 from .config import from_dict
 from .errors import LayoutError, SdportError, cut
-from .layout import LayoutReader
+from .storage.layout import LayoutReader
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -63,7 +64,7 @@ def load_model(source: str | LayoutReader, component: str, *, device="cpu", dtyp
     """Load one component from an sdport .h5 file; weights are memory-mapped until cast, moved or packed.
 
     `packed` (default: on a CPU, for the components in PACKED) reorders the weights into oneDNN's layout
-    (models/pack.py), each on its module's first call; such a model runs on the CPU only.
+    (models/cpu/pack.py), each on its module's first call; such a model runs on the CPU only.
     """
     with _gc_paused():
         return _load(source, component, device, dtype, packed)

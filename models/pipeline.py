@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from .errors import LayoutError, SdportError
-from .layout import SCHEDULE, LayoutReader, file_sha256
+from .storage.layout import SCHEDULE, LayoutReader, file_sha256
 from .load import DTYPES, check_device_dtype, load_model, read_config
 from .samplers import (
     SPACINGS,

@@ -17,7 +17,7 @@ from the down level with the same index.
 
 Fast by construction: one fused q/k/v projection for self-attention, fused k/v for cross-attention,
 token-space `nn.Linear` for the 1x1 projections, `scaled_dot_product_attention` (in bf16 on a CPU, the
-AVX512-BF16 kernel of models/cpu_attention.py where it builds), and optional chunking
+AVX512-BF16 kernel of models/cpu/attention.py where it builds), and optional chunking
 of attention along query tokens (`UNet.set_attention_chunk`) to bound peak memory. Activations run in
 channels-last memory format: oneDNN's convolutions prefer it, and a spatial transformer's tokens
 [B, H*W, C] are then a free view of its feature map instead of a transposed copy each way.
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_attention
+from .cpu import attention as cpu_attention
 
 GROUPS = 32  # GroupNorm groups everywhere in the UNet
 RES_NORM_EPS = 1e-5  # ResBlocks and norm_out (ldm's GroupNorm32: nn.GroupNorm default eps)

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import torch
 
-from ..models import h5safe, partial as partials
+from ..models.storage import h5safe, partial as partials
 from ..models.errors import SdportError, cut
 
 FORMAT = "sdport.activations"
@@ -175,7 +175,7 @@ def _text(v):
 
 class ActivationReader:
     """Reads a dump; every attribute is type-checked and every dataset's storage checked before its
-    data is read (a dump is a file from someone else: models/h5safe.py, docs/security.md)."""
+    data is read (a dump is a file from someone else: models/storage/h5safe.py, docs/security.md)."""
 
     def __init__(self, path):
         self.path = os.fspath(path)

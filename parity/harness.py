@@ -25,7 +25,7 @@ import torch
 from ..models.components import NAMES
 from ..models.errors import SdportError, cut
 from ..models.load import DTYPES, load_model
-from ..models.layout import LayoutReader
+from ..models.storage.layout import LayoutReader
 from . import golden
 from .capture import hooks, modules_by_name
 from .components import TEXT_ENCODER, Drawer, cast_floats, entry

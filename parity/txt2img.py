@@ -32,7 +32,7 @@ import torch
 
 from ..models import pipeline as P
 from ..models.errors import SdportError
-from ..models.layout import MAX_SCHEDULE
+from ..models.storage.layout import MAX_SCHEDULE
 from ..models.samplers import cfg_denoiser, ddim_timesteps, sample_ddim, sample_plms
 from ..models.tokenizer import default_tokenizer
 from .harness import (ParityError, ParityResult, compare_layers, default_size, deterministic, device_name,

@@ -13,7 +13,7 @@ import torch
 from sdport.convert.checkpoint import open_checkpoint
 from sdport.convert.convert import convert, export
 from sdport.fixtures import malicious
-from sdport.models.layout import LayoutReader, verify
+from sdport.models.storage.layout import LayoutReader, verify
 from sdport.models.load import load_model
 from conftest import REPO, run_cli
 

@@ -1,11 +1,11 @@
-"""models/cpu_attention.py: the AVX512-BF16 attention kernel against fp32 attention, and its fallbacks."""
+"""models/cpu/attention.py: the AVX512-BF16 attention kernel against fp32 attention, and its fallbacks."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sdport.models import cpu_attention
+from sdport.models.cpu import attention as cpu_attention
 
 native = pytest.mark.skipif(not cpu_attention.available(), reason=f"native kernel: {cpu_attention.reason()}")
 

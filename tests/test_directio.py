@@ -1,4 +1,4 @@
-"""models/directio.py: every byte lands where it was asked to, whichever path wrote it."""
+"""convert/directio.py: every byte lands where it was asked to, whichever path wrote it."""
 from __future__ import annotations
 
 import errno
@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from sdport.models import directio
-from sdport.models.directio import BLOCK, DataWriter
+from sdport.convert import directio
+from sdport.convert.directio import BLOCK, DataWriter
 
 
 @pytest.fixture

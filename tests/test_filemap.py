@@ -1,4 +1,4 @@
-"""models/filemap.py: views hold the file's bytes, stay private, never alias, and give their pages back."""
+"""models/storage/filemap.py: views hold the file's bytes, stay private, never alias, and give their pages back."""
 from __future__ import annotations
 
 import gc
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdport.models import filemap
+from sdport.models.storage import filemap
 from sdport.models.errors import BadFile, LayoutError, SdportError
-from sdport.models.filemap import PAGE, FileMap
-from sdport.models.layout import LayoutReader
+from sdport.models.storage.filemap import PAGE, FileMap
+from sdport.models.storage.layout import LayoutReader
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 F4, U4 = np.dtype("<f4"), np.dtype("<u4")

@@ -8,7 +8,7 @@ import torch
 
 from sdport.convert.checkpoint import open_checkpoint
 from sdport.fixtures import build
-from sdport.models.layout import file_sha256
+from sdport.models.storage.layout import file_sha256
 from conftest import COMMITTED_DIR
 
 

@@ -31,7 +31,7 @@ from sdport.cli import main
 from sdport.convert.checkpoint import open_checkpoint
 from sdport.convert.convert import convert, export
 from sdport.models.errors import SdportError
-from sdport.models.layout import LayoutReader, verify
+from sdport.models.storage.layout import LayoutReader, verify
 from sdport.models.load import load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

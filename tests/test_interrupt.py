@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 from sdport.cli import main
-from sdport.models import layout
-from sdport.models.layout import verify
+from sdport.convert import writer as layout_writer
+from sdport.models.storage.layout import verify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(REPO, "fixtures", "tiny", "sd-tiny-fp16.ckpt")
@@ -94,7 +94,7 @@ def test_sigint_during_export_and_parity_record(tmp_path):
 def test_an_interrupt_while_writing_removes_the_partial_and_exits_130(tmp_path, monkeypatch):
     """KeyboardInterrupt from the 10th dataset written: one line, exit 130, nothing at the destination."""
     calls = []
-    write = layout.LayoutWriter.write
+    write = layout_writer.LayoutWriter.write
 
     def interrupted(self, *a, **k):
         calls.append(1)
@@ -102,7 +102,7 @@ def test_an_interrupt_while_writing_removes_the_partial_and_exits_130(tmp_path, 
             raise KeyboardInterrupt
         return write(self, *a, **k)
 
-    monkeypatch.setattr(layout.LayoutWriter, "write", interrupted)
+    monkeypatch.setattr(layout_writer.LayoutWriter, "write", interrupted)
     out = tmp_path / "o.h5"
     r = CliRunner().invoke(main, ["convert", SRC, "-o", str(out)])
     assert r.exit_code == 130, r.output
@@ -113,7 +113,7 @@ def test_an_interrupt_while_writing_removes_the_partial_and_exits_130(tmp_path, 
 def test_an_interrupt_before_the_writer_is_entered_leaves_no_partial(tmp_path, monkeypatch):
     """The interrupt lands between the writer's constructor and its `with` (no __exit__ runs): the
     command line still removes the partial file the constructor created."""
-    monkeypatch.setattr(layout.LayoutWriter, "__enter__", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(layout_writer.LayoutWriter, "__enter__", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
     out = tmp_path / "o.h5"
     r = CliRunner().invoke(main, ["convert", SRC, "-o", str(out)])
     assert r.exit_code == 130, r.output

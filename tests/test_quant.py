@@ -21,7 +21,7 @@ from torch import nn
 from sdport.convert.convert import convert
 from sdport.models import quant
 from sdport.models.errors import LayoutError
-from sdport.models.layout import LayoutReader, verify
+from sdport.models.storage.layout import LayoutReader, verify
 from sdport.models.load import build, load_model
 from sdport.parity.metrics import compare
 from conftest import run_cli

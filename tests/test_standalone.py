@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from sdport.convert.checkpoint import open_checkpoint
 from sdport.convert.convert import convert, export
-from sdport.models.layout import LayoutReader, verify
+from sdport.models.storage.layout import LayoutReader, verify
 from sdport.models.load import load_model
 from sdport.parity.harness import run_parity
 

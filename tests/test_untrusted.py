@@ -229,7 +229,7 @@ def test_plugin_loading_is_off_in_sdport_processes(tmp_path):
     subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, timeout=60)
     assert marker.exists(), "control failed: HDF5 did not try the planted plugin"
     marker.unlink()
-    probe = "from sdport.models import h5safe\nassert h5safe.plugins_disabled()\n" + read
+    probe = "from sdport.models.storage import h5safe\nassert h5safe.plugins_disabled()\n" + read
     p = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert not marker.exists(), "the planted plugin was loaded"

@@ -1,4 +1,4 @@
-"""`verify` (models/layout.py): threaded hashing from memory maps, problems in dataset order, planted faults."""
+"""`verify` (models/storage/layout.py): threaded hashing from memory maps, problems in dataset order, planted faults."""
 from __future__ import annotations
 
 import os
@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from sdport.cli import main
 from sdport.convert.convert import convert
-from sdport.models import layout
+from sdport.models.storage import layout
 from sdport.models.errors import SdportError
-from sdport.models.layout import verify
+from sdport.models.storage.layout import verify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(REPO, "fixtures", "tiny", "sd-tiny-fp16.ckpt")

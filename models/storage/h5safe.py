@@ -13,7 +13,7 @@ layouts sdport writes (weights and activation dumps) use none of these, so a rea
   that the bytes stored for it can really hold (a dataset declaring billions of elements with nothing
   allocated, or chunks that would inflate to GiBs, is refused before HDF5 allocates anything).
 
-Memory-mapped reads (models/filemap.py) need none of the storage checks: HDF5 gives a data offset only
+Memory-mapped reads (models/storage/filemap.py) need none of the storage checks: HDF5 gives a data offset only
 for contiguous, unfiltered data inside the file, and the map is bounded by the file's size.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import stat
 
 import h5py
 
-from .errors import BadFile, LayoutError, cut as _cut
+from ..errors import BadFile, LayoutError, cut as _cut
 
 # Filters HDF5 implements itself (no plugin): what `sdport convert --compress` writes (deflate), and the
 # two that h5py users commonly add beside it.

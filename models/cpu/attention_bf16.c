@@ -1,4 +1,4 @@
-/* Softmax attention for bf16 q, k, v on x86 CPUs with AVX512-BF16 (models/cpu_attention.py builds it).
+/* Softmax attention for bf16 q, k, v on x86 CPUs with AVX512-BF16 (models/cpu/attention.py builds it).
 
    torch's CPU SDPA kernel runs bf16 at its fp32 speed (bench/bench_attention.py). This one multiplies
    bf16 pairs with VDPBF16PS, keeps the scores and the softmax in fp32 and rounds the probabilities to

@@ -1,4 +1,4 @@
-"""bf16 softmax attention on the CPU through a small C kernel (models/attention_bf16.c).
+"""bf16 softmax attention on the CPU through a small C kernel (models/cpu/attention_bf16.c).
 
 torch's CPU `scaled_dot_product_attention` runs bf16 at its fp32 speed, and in the bf16 UNet the
 64x64-level self-attention was a third of the forward. The kernel multiplies bf16 pairs with AVX512-BF16
