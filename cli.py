@@ -18,6 +18,10 @@ from .models.errors import SdportError
 
 COMPONENT_NAMES = NAMES
 MAX_ERROR = 400  # characters of an error line
+# The compute dtypes (models/devices.py DTYPES; a test keeps the two equal): named here so that building
+# the command line imports no torch.
+DTYPES = ("fp32", "fp16", "bf16")
+GATES = (*DTYPES, "int8")  # the default tolerance tables (parity/metrics.py)
 EXPORT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # what `export` writes: safetensors, else a zip
 
 
@@ -258,7 +262,7 @@ def _components_option(value):
 @click.argument("src", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Destination .h5 file.")
 @click.option("--components", default=None, help="Comma-separated subset of unet,text_model,vit,encoder,decoder.")
-@click.option("--dtype", type=click.Choice(["keep", "fp32", "fp16", "bf16"]), default="keep", show_default=True)
+@click.option("--dtype", type=click.Choice(["keep", *DTYPES]), default="keep", show_default=True)
 @click.option("--ema", type=click.Choice(["auto", "use", "ignore"]), default="auto", show_default=True,
               help="auto: model.diffusion_model.* as CompVis inference does; use: the EMA copy; ignore: never read it.")
 @click.option("--num-heads", type=click.IntRange(min=1), default=None, help="UNet attention heads (not stored in checkpoints).")
@@ -416,7 +420,7 @@ def _generation_options(fn):
         _SPACING_OPTION,
         click.option("--seed", type=int, default=42, show_default=True),
         click.option("--eta", type=FINITE, default=0.0, show_default=True, help="DDIM noise (0: deterministic)."),
-        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+        click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
                      help="fp16 is for GPUs; bf16 is the fast choice on a CPU."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, mps, ..."),
         click.option("--low-memory", is_flag=True,
@@ -619,7 +623,7 @@ def _gate_options(fn):
                      help="Override one tolerance, e.g. --tol rel_l2=1e-4 (repeatable; 'none' un-gates)."),
         click.option("--tolerances", type=click.Path(dir_okay=False),
                      help="JSON/TOML file of tolerances (flat, or per dtype)."),
-        click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+        click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
                      help="Native dtype (the reference stays fp32); also picks the default tolerances."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
     ]):
@@ -653,7 +657,7 @@ def _component_command(component):
     @click.argument("checkpoint", type=click.Path(dir_okay=False))
     @click.option("--h5", type=click.Path(dir_okay=False), help="The converted file (default: convert on the fly).")
     @click.option("--mode", type=click.Choice(["accumulated", "isolated", "both"]), default="both", show_default=True)
-    @click.option("--gate", "gate_dtype", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
+    @click.option("--gate", "gate_dtype", type=click.Choice(GATES), default=None,
                   help="Whose default tolerances gate (default: int8 when --h5 holds int8 weights, else --dtype).")
     @_input_options
     @_gate_options
@@ -721,7 +725,7 @@ def parity_check(golden_path, h5, checkpoint, json_path, junit, html, tol, toler
 @parity.command("compare")
 @click.argument("a", type=click.Path(dir_okay=False))
 @click.argument("b", type=click.Path(dir_okay=False))
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default="fp32", show_default=True,
               help="Which default tolerances gate A against B.")
 @click.option("--tol", multiple=True, metavar="METRIC=VALUE", help="Override one tolerance (repeatable).")
 @click.option("--tolerances", type=click.Path(dir_okay=False), help="JSON/TOML file of tolerances.")
@@ -761,11 +765,12 @@ def _layer_steps_option(value):
 @click.option("--height", type=int, default=None, help="Image height (default: 512 for SD v1, the model's usual size).")
 @click.option("--width", type=int, default=None, help="Image width (default: as --height).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N (both sides).")
-@click.option("--dtype", default="fp32", show_default=True, help="Native dtype: fp32, fp16 or bf16 (the reference is fp32).")
+@click.option("--dtype", default="fp32", show_default=True,  # free text: a bad name gets the one-line error
+              help=f"Native dtype: {', '.join(DTYPES)} (the reference is fp32).")
 @click.option("--layer-steps", default=None, help="Steps whose UNet call is compared layer by layer, e.g. 0,25,49 "
               "(default: first, middle, last; none: skip).")
-@click.option("--gate", "gate_dtype", default=None, help="Whose default tolerances gate: fp32, fp16, bf16, int8 "
-              "(default: --dtype).")
+@click.option("--gate", "gate_dtype", default=None,
+              help=f"Whose default tolerances gate: {', '.join(GATES)} (default: --dtype).")
 @click.option("--tol", multiple=True, metavar="METRIC=VALUE",
               help="Override the per-step latent tolerance, e.g. --tol rel_l2=1e-4 (repeatable).")
 @click.option("--image-psnr", type=FINITE, default=None, help="Override the image gate: psnr_db lower bound.")

@@ -23,8 +23,9 @@ DATA = os.environ.get("SDPORT_BENCH_DATA", "/work/bench-data")  # full-size file
 FULL_CKPT = os.path.join(DATA, "sd-full.ckpt")
 TINY_DIR = os.path.join(tempfile.gettempdir(), "sdport-bench-tiny")
 
-# DESIGN.md section 8: the full SD v1 UNet (batch 2, 64x64) costs 1.61 TFLOP per call; this CPU's
-# measured GEMM/conv throughput puts one call at 8.6 s in fp32 and 4.1 s in bf16 at best.
+# The full SD v1 UNet (batch 2, 64x64) costs 1.61 TFLOP per call; the 2-core EPYC's measured GEMM
+# throughput (4096^2 GEMMs, 186 GFLOP/s fp32 and 394 bf16, `python bench/bench_dtypes.py`) puts one call
+# at 8.6 s / 4.1 s at best.
 UNET_FLOOR_S = {"fp32": 8.6, "bf16": 4.1}
 
 

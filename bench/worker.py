@@ -46,10 +46,11 @@ def source_state_dict(ckpt: str, prefix: str) -> dict[str, torch.Tensor]:
 def original_config(ucfg, vcfg) -> dict:
     """The slice of a CompVis yaml that diffusers' single-file helpers read."""
     from sdport.parity.reference.unet import ldm_kwargs
+    from sdport.models.vae import LATENT_SCALE_SD_V1
     from sdport.parity.reference.vae import ddconfig
 
     return {"model": {"params": {
-        "scale_factor": 0.18215,
+        "scale_factor": LATENT_SCALE_SD_V1,
         "unet_config": {"params": ldm_kwargs(ucfg)},
         "first_stage_config": {"params": {"ddconfig": ddconfig(vcfg)}},
     }}}

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from zlib_ng.zlib_ng import crc32  # the zip entries' CRC-32 at 22-27 GB/s here, zlib's at ~4 (bench/bench_io.py)
+from zlib_ng.zlib_ng import crc32  # the zip entries' CRC-32, several times zlib's speed (bench/bench_io.py)
 
 from ..models.errors import BadFile, UnsafeFile, cut
 from . import pickle_scan

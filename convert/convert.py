@@ -19,7 +19,8 @@ from ..models.storage import partial as partials
 from ..models.errors import LayoutError, SdportError
 from ..models.storage.layout import MAX_SCHEDULE, SCHEDULE, LayoutReader, file_sha256
 from .checkpoint import open_checkpoint
-from .detect import LATENT_SCALE_SD_V1, Plan, plan
+from ..models.vae import LATENT_SCALE_SD_V1
+from .detect import Plan, plan
 from .table import Row, forward, inverse
 from .writer import LayoutWriter
 

@@ -31,7 +31,6 @@ IGNORED_GLOBAL = [
     (r"^logvar$", "per-timestep log-variance used only by the training loss"),
     (r"^lvlb_weights$", "variational-bound loss weights, training only"),
 ]
-LATENT_SCALE_SD_V1 = 0.18215
 
 
 @dataclass

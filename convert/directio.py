@@ -1,8 +1,8 @@
 """Dataset bytes to their place in a file, around the page cache where the system allows it.
 
-A buffered write of a 4.3 GB checkpoint spent 2.0-8.6 s of kernel time here (mostly 6.9-8.6 s) on the
-page cache; the same bytes written with O_DIRECT took 0.24-0.31 s of kernel time and 2.6-3.6 s of wall
-time, fsync included (bench/bench_io.py, bench/README.md). O_DIRECT wants the file offset, the length and the memory
+A buffered write of a full-size checkpoint spends most of its kernel time on the page cache; the same
+bytes written with O_DIRECT take a fraction of it (bench/bench_io.py; the figures are in
+bench/README.md). O_DIRECT wants the file offset, the length and the memory
 address aligned to the device's block, so each write is split: the unaligned head and tail go through
 an ordinary descriptor, the aligned middle is copied through a page-aligned buffer and written
 directly. Where O_DIRECT is missing (macOS, some file systems) or refused, every byte goes through the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pickletools
 
-MAX_OPS = 4_000_000  # opcodes (SD v1 with EMA: about 70,000; the scan takes about 2 us each)
+MAX_OPS = 4_000_000  # opcodes (SD v1 with EMA: about 70,000); also bounds the scan's own time
 MAX_DEPTH = 100  # container nesting (real checkpoints: under 10)
 MAX_STACK = 1_000_000  # objects on the unpickler's stack at once
 MAX_MEMO = 1_000_000  # memo index (one entry per memoised object)

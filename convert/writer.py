@@ -84,7 +84,7 @@ class LayoutWriter:
         An uncompressed dataset is allocated at once and its bytes go straight to their place in the file,
         hashed in one thread and written in another (convert/directio.py) while the caller prepares the next
         tensor (hashlib and pwrite release the GIL; HDF5's own write path copies through its type
-        conversion at ~1 GB/s).
+        conversion, slower than the disk).
         """
         arr = to_numpy(tensor)
         grp = self.f[group]

@@ -157,7 +157,7 @@ def _blocks(n: int, dim: int, heads: int, intermediate: int, activation: str, ep
 
 class Embedding(nn.Embedding):
     """nn.Embedding that leaves a meta-device weight alone: its normal_ init on meta goes through
-    torch's Python decompositions, whose first use imports torch._dynamo (1.2 s of every load and
+    torch's Python decompositions, whose first use imports torch._dynamo (a cost on every load and
     conversion, for values the file replaces anyway)."""
 
     def reset_parameters(self) -> None:

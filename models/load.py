@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import warnings
 
 import torch
 
@@ -11,31 +10,9 @@ from . import quant
 from .cpu import pack
 from .components import component as entry
 from .config import from_dict
-from .errors import LayoutError, SdportError, cut
+from .devices import DTYPES, SlowDtypeWarning, check_device_dtype  # noqa: F401 (SlowDtypeWarning: what load warns with)
+from .errors import LayoutError, cut
 from .storage.layout import LayoutReader
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# Why fp16 on a CPU is refused or warned about: torch has no fast fp16 kernels for x86 CPUs
-# (bench/bench_dtypes.py: a 3x3 conv 97x and a GEMM 114x slower in fp16 than in fp32).
-CPU_FP16_REASON = ("fp16 on a CPU runs about 100x slower than fp32 (no fp16 CPU kernels; measured by "
-                   "bench/bench_dtypes.py): use fp32 or bf16 on a CPU, fp16 on a GPU")
-
-
-class SlowDtypeWarning(UserWarning):
-    """A device/dtype pair that works but runs orders of magnitude slower than the alternatives."""
-
-
-def check_device_dtype(device, dtype, *, refuse: bool = False) -> None:
-    """Warn (or, with `refuse`, raise SdportError) when `dtype` is fp16 on a CPU device."""
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype, dtype)
-    if dtype != torch.float16 or torch.device(device).type != "cpu":
-        return
-    if refuse:
-        raise SdportError(f"--dtype fp16 on device cpu: {CPU_FP16_REASON}")
-    warnings.warn(f"fp16 weights on device cpu: {CPU_FP16_REASON}", SlowDtypeWarning, stacklevel=3)
-
 
 def build(component: str, config) -> torch.nn.Module:
     """A native model for `config` (a config dataclass or its dict), with uninitialised weights."""
@@ -49,7 +26,7 @@ def build(component: str, config) -> torch.nn.Module:
 def _gc_paused():
     """Python's cyclic GC off for the duration (restored as it was). A load creates thousands of small
     objects (modules, h5py ids, weak references), and in a fresh process the collections they trigger
-    walk everything torch's import created: 0.38 s -> 0.25 s for the full UNet (bench/README.md)."""
+    walk everything torch's import created (the effect on the full UNet: bench/README.md)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -133,7 +110,7 @@ def _load(source, component, device, dtype, packed):
         pack.pack(model, lazy=True)
         pack.pack_on_first_call(model)
     # Its activations run channels-last; NCHW conv weights would be reordered on every call
-    # (full UNet, batch 2, 64x64, CPU: 10.9 s -> 9.8 s, bench/README.md).
+    # (the full UNet's figures: bench/README.md).
     _for_inference(model, channels_last=entry(component).channels_last and str(device) != "meta")
     check_device_dtype(device, next(model.parameters()).dtype)
     return model
@@ -141,7 +118,7 @@ def _load(source, component, device, dtype, packed):
 
 def _for_inference(model: torch.nn.Module, *, channels_last: bool) -> None:
     """`eval()`, `requires_grad_(False)` and, with `channels_last`, `to(memory_format=channels_last)`
-    in one walk over the modules instead of three (the full UNet: 13-22 ms -> 4-8 ms)."""
+    in one walk over the modules instead of three."""
     for m in model.modules():
         m.training = False
         for p in m.parameters(recurse=False):

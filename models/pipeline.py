@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from .. import __version__
 from .errors import LayoutError, SdportError
 from .storage.layout import SCHEDULE, LayoutReader, file_sha256
-from .load import DTYPES, check_device_dtype, load_model, read_config
+from .devices import resolve
+from .load import load_model, read_config
 from .samplers import (
     SPACINGS,
     Schedule,
@@ -41,8 +42,8 @@ from .samplers import (
     sample_plms,
 )
 from .tokenizer import default_tokenizer
+from .vae import LATENT_SCALE_SD_V1
 
-LATENT_SCALE_SD_V1 = 0.18215
 SAMPLERS = ("plms", "ddim")
 NEEDS = {
     "txt2img": ("text_model", "unet", "decoder"),
@@ -93,13 +94,9 @@ class Models:
         if attention_chunk is not None and attention_chunk < 1:
             raise SdportError(f"--attention-chunk {attention_chunk}: expected a whole number of query tokens >= 1")
         self.attention_chunk = attention_chunk
-        self.device = _device(device)
-        if dtype not in DTYPES:
-            raise SdportError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-        # refused, not warned: a full-size run would take days (no fp16 CPU kernels; bf16 is the CPU choice)
-        check_device_dtype(self.device, dtype, refuse=True)
+        # fp16 on a CPU refused, not warned: a full-size run would take days (bf16 is the CPU choice)
+        self.device, self.dtype = resolve(device, dtype, refuse_slow=True)
         self.dtype_name = dtype
-        self.dtype = DTYPES[dtype]
         self.low_memory = low_memory
         self.reader = LayoutReader(self.path)
         self.notes: list[str] = []
@@ -149,18 +146,6 @@ class Models:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _device(device) -> torch.device:
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise SdportError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise SdportError(f"--device {device}: this torch build sees no CUDA device")
-    if d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise SdportError(f"--device {device}: MPS is not available here")
-    return d
 
 
 def read_schedule(reader: LayoutReader, notes: list[str]) -> tuple[Schedule, float]:

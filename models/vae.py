@@ -22,6 +22,7 @@ from torch import nn
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
 MAX_BLOCKS = 256  # ResBlocks per half of the VAE (SD v1: 3 per level, 4 levels)
+LATENT_SCALE_SD_V1 = 0.18215  # LatentDiffusion's scale_factor for SD v1: latents = scale * VAE mean
 # The diagonal Gaussian keeps its log-variance in this range (exp stays finite in fp32).
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 

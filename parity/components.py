@@ -17,6 +17,10 @@ MAX_INPUT_BATCH = 16  # a dump's inputs: at most this batch and twice the drawn 
 CONTEXT_TOKENS = 77  # the text context's length: CLIP's 77 positions
 
 
+class ParityError(SdportError):
+    """Bad input to a parity run: a component the file lacks, an unavailable device, ..."""
+
+
 def prompts(prompt: str, batch: int) -> list[str]:
     """Batch of texts: the empty (unconditional) prompt first, as classifier-free guidance pairs them."""
     return [prompt] if batch == 1 else [""] + [prompt] * (batch - 1)

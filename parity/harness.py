@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import tempfile
@@ -23,21 +22,19 @@ from pathlib import Path
 import torch
 
 from ..models.components import NAMES
-from ..models.errors import SdportError, cut
-from ..models.load import DTYPES, load_model
+from ..models.errors import cut
+from ..models import devices
+from ..models.load import load_model
 from ..models.storage.layout import LayoutReader
 from . import golden
 from .capture import hooks, modules_by_name
-from .components import TEXT_ENCODER, Drawer, cast_floats, entry
+from .components import TEXT_ENCODER, Drawer, ParityError, cast_floats, entry
+from .reference.load import load_reference, parameters_on_meta  # noqa: F401 (parameters_on_meta: tests)
 from .layers import LayerSpec, first_tensor, layer_map, native_args, reference_output
 from .metrics import METRICS, Tolerance, compare, default_tolerance
-from .report import ACCUMULATED, ISOLATED, MODES, Report, collect_versions, make_layer
+from .report import ACCUMULATED, ISOLATED, MODES, LapClock, Report, collect_versions, make_layer
 
 COMPONENTS = NAMES
-
-
-class ParityError(SdportError):
-    """Bad input to a parity run: a component the file lacks, an unavailable device, ..."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,13 +43,7 @@ class ParityError(SdportError):
 
 def resolve_device(device: str) -> torch.device:
     """'cpu' / 'cuda' / 'cuda:N' (or 'meta' in tests) -> torch.device; CUDA must be present."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ParityError(f"--device {device}: expected cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ParityError(f"--device {device}: CUDA is not available on this machine")
-    return dev
+    return devices.resolve_device(device, error=ParityError)
 
 
 def deterministic() -> None:
@@ -63,9 +54,7 @@ def deterministic() -> None:
 
 
 def dtype_of(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ParityError(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return devices.resolve_dtype(name, error=ParityError)
 
 
 def device_name(dev: torch.device) -> str:
@@ -112,72 +101,6 @@ def call_reference(component: str, model, inputs: dict, source_format: str):
 
 # ---------------------------------------------------------------------------------------------
 # Models
-
-
-def load_reference(component: str, checkpoint: str, *, num_heads: int | None = None):
-    """The reference model with the checkpoint's weights, in fp32 on the CPU: (model, config, source format).
-
-    Keys are read exactly as the converter reads them (same plan: prefix, EMA policy). The model is
-    built with its parameters on the meta device and takes the checkpoint's tensors as its parameters
-    (`assign=True`), so one copy of the weights exists (a full SD v1 UNet is 3.4 GB in fp32)."""
-    from ..convert.checkpoint import open_checkpoint
-    from ..convert.detect import plan
-
-    with open_checkpoint(checkpoint) as ckpt:
-        p = plan(ckpt, components={component}, num_heads=num_heads)
-        if component not in p.components:
-            raise ParityError(f"{checkpoint}: no {component} component in this checkpoint "
-                              f"(it holds: {', '.join(p.components) or 'none'})")
-        cp = p.components[component]
-        cfg, fmt = cp.config, cp.source_format
-        model = _build_reference(component, cfg, fmt)
-        # .float() is the tensor itself when it is fp32 already; the reader gives each tensor its own memory.
-        sd = {s: ckpt.tensor(cp.key_of[s]).float() for r in cp.rows for s in r.sources}
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    del sd
-    # The VAE container holds encoder and decoder; only the other half may stay unloaded, and it is
-    # dropped (its parameters hold no values).
-    other = entry(component).other_half
-    for name in other:
-        setattr(model, name, None)
-    # position_ids: a buffer that older transformers saved with the weights; the built value is right.
-    missing = [k for k in missing if not k.startswith(tuple(f"{n}." for n in other)) and not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ParityError(f"{checkpoint}: reference {component} does not take the checkpoint's weights "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    empty = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if empty:
-        raise ParityError(f"{checkpoint}: reference {component} has tensors the checkpoint does not fill "
-                          f"({', '.join(empty[:3])})")
-    return model.float().eval().requires_grad_(False), cfg, fmt
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Modules built inside get their parameters on the meta device: no memory and no initialisation,
-    the checkpoint supplies the values. Buffers (transformers' position_ids, ...) are built for real:
-    they are computed in __init__ and no checkpoint holds them. It patches nn.Module for the whole
-    process while it lasts: build nothing else meanwhile."""
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
-def _build_reference(component: str, cfg, source_format: str):
-    """The reference model for `cfg` with its parameters on the meta device (see parameters_on_meta).
-    ldm prints as it imports and builds ("No module 'xformers'", "making attention of type ...", "Working
-    with z of shape ..."): that goes nowhere, so sdport's own output stays its own."""
-    with parameters_on_meta(), contextlib.redirect_stdout(io.StringIO()):
-        return entry(component).reference_builder(source_format)(cfg)
 
 
 def load_native(h5: str, component: str, device, dtype: torch.dtype):
@@ -289,13 +212,13 @@ class ParityResult:
 
     def write(self, json_path=None, junit=None, html=None) -> None:
         if json_path:
-            from .report import _encode_nonfinite  # same strict-JSON encoding as Report.to_json
-            text = json.dumps(_encode_nonfinite(self.to_dict()), indent=1, allow_nan=False)
+            from .report import encode_nonfinite  # same strict-JSON encoding as Report.to_json
+            text = json.dumps(encode_nonfinite(self.to_dict()), indent=1, allow_nan=False)
             Path(json_path).write_text(text + "\n")
         if junit:
             self.report.to_junit(junit)
         if html:
-            self.report.to_html(html)
+            self.report.to_html(html, unpaired=self.unpaired)
 
 
 def no_progress(what: str, done: int, total: int | None = None, unit: str = "layer") -> None:
@@ -307,14 +230,14 @@ def display(name: str) -> str:
     return name or "(model)"
 
 
-def _layer_records(order, names, kinds, shapes, acc, iso, tol):
+def _layer_records(order, names, kinds, shapes, acc, iso, tol, seconds=None):
     layers = []
     for i, n in enumerate(order):
         a, s = acc.get(n), iso.get(n)
         if a is None and s is None:
             continue
         layers.append(make_layer(i, display(n), display(names[n]), kinds[n], shapes[n], tol,
-                                 accumulated=a, isolated=s))
+                                 accumulated=a, isolated=s, seconds=(seconds or {}).get(n)))
     return tuple(layers)
 
 
@@ -347,17 +270,18 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
         desc.update(checkpoint=os.path.basename(checkpoint), h5=os.path.basename(h5), source_format=fmt,
                     reference_dtype="fp32", native_dtype=dtype)
 
-        return compare_layers(component, ref, native, ncfg, fmt, inputs, ndtype, dtype, dev, tol, desc, work, modes,
+        return compare_layers(component, ref, native, ncfg, fmt, inputs, dtype, dev, tol, desc, work, modes,
                               progress=progress)
 
 
-def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs: dict, ndtype: torch.dtype,
-                   dtype: str, dev, tol: Tolerance, desc: dict, work: str, modes=MODES, progress=None) -> ParityResult:
+def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs: dict, dtype: str, dev,
+                   tol: Tolerance, desc: dict, work: str, modes=MODES, progress=None) -> ParityResult:
     """The per-layer comparison of two loaded models on the given (device-side) inputs: one reference
     pass that records each layer (and re-runs the native layer on its input, for isolated mode), then
     one native pass against the recorded activations, spilled to a temporary dump in `work`.
     `progress(what, done, total)` is called as each layer of each pass completes."""
     progress = progress or no_progress
+    ndtype = dtype_of(dtype)
     specs, not_compared = layer_map(component, ncfg, source_format)
     order, names, kinds, shapes = [], {}, {}, {}
     acc, iso = {}, {}
@@ -367,6 +291,8 @@ def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs
         fd, path = tempfile.mkstemp(suffix=".act.h5", dir=work)  # unique: a caller may compare several times
         os.close(fd)
         spill = golden.ActivationWriter(path, summaries=False)
+
+    clock = LapClock()  # each layer's wall time (its forward and comparisons) for the JUnit cases
 
     def on_layer(spec, y, args, kwargs):
         order.append(spec.native)
@@ -379,6 +305,7 @@ def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs
             iso[spec.native] = _safe_compare(first_tensor(out), y)
         progress("reference pass" + (" (and isolated native layers)" if ISOLATED in modes else ""),
                  len(order), len(specs))
+        clock.lap(spec.native)
 
     try:
         unpaired = reference_pass(component, ref, specs, inputs, source_format, on_layer)
@@ -392,6 +319,8 @@ def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs
                 if e is not None:
                     acc[name] = _safe_compare(out, dump.full(e))
                 progress("native pass", len(acc), len(order))
+                clock.lap(name)
+            clock.restart()
             fired = native_pass(component, native, order, inputs, ndtype, on_native)
         os.remove(spill.path)
         for n in order:
@@ -399,7 +328,7 @@ def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs
                 unpaired[n] = ("native module is not called as a module: no accumulated metrics"
                                + (" (isolated: re-run on the reference's input)" if n in iso else ""))
     report = Report(component, tuple(modes), dtype, device_name(dev), tol, desc,
-                    collect_versions(), _layer_records(order, names, kinds, shapes, acc, iso, tol))
+                    collect_versions(), _layer_records(order, names, kinds, shapes, acc, iso, tol, clock.seconds))
     return ParityResult(report, unpaired, not_compared)
 
 
@@ -469,23 +398,27 @@ def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = N
         entry(component).check_values(cfg, inputs, golden_path)
         inputs = to_device(inputs, dev)
         acc, bit_exact = {}, {}
+        clock = LapClock()
 
         def on_native(name, out):
             e = dump.by_name.get(name)
             if e is not None:
                 acc[name], bit_exact[name] = golden.compare_with(dump, e, out)
             progress("native pass", len(acc), len(dump.entries))
+            clock.lap(name)
 
         names = [e.name for e in dump.entries]
         present = set(dict(native.named_modules()))
         missing = [n for n in names if n not in present]
         if missing:
             raise ParityError(f"{golden_path}: layer {missing[0]!r} is not a module of the native {component}")
+        clock.restart()
         native_pass(component, native, names, inputs, ndtype, on_native)
         desc = dict(dump.attr("inputs_description") or {})
         desc.update(golden=os.path.basename(golden_path), golden_mode=dump.mode, h5=os.path.basename(h5),
                     bit_exact_layers=sum(bit_exact.values()))
-        layers = tuple(make_layer(e.index, display(e.name), display(e.reference), e.kind, e.shape, tol, accumulated=acc[e.name])
+        layers = tuple(make_layer(e.index, display(e.name), display(e.reference), e.kind, e.shape, tol,
+                                  accumulated=acc[e.name], seconds=clock.seconds.get(e.name))
                        for e in dump.entries if e.name in acc)
         unpaired = {e.name: "native module did not run" for e in dump.entries if e.name not in acc}
         report = Report(component, (ACCUMULATED,), dtype, device_name(dev), tol, desc, collect_versions(), layers)

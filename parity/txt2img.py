@@ -32,20 +32,20 @@ import torch
 
 from ..models import pipeline as P
 from ..models.errors import SdportError
+from ..convert.detect import SCHEDULE_KEYS
 from ..models.storage.layout import MAX_SCHEDULE
+from ..models.vae import LATENT_SCALE_SD_V1
 from ..models.samplers import cfg_denoiser, ddim_timesteps, sample_ddim, sample_plms
 from ..models.tokenizer import default_tokenizer
 from .harness import (ParityError, ParityResult, compare_layers, default_size, deterministic, device_name,
                       dtype_of, ensure_h5, load_reference, no_progress, resolve_device, to_device)
 from .metrics import IMAGE_PSNR_DB, Tolerance, check, compare, default_tolerance, dtype_key
-from .report import _worst_key, collect_versions
+from .report import collect_versions, worst_key
 
 FORMAT = "sdport.parity.txt2img"
 FORMAT_VERSION = 1
 FREE, TEACHER = "free", "teacher_forced"
-REFERENCE_SCALE_FACTOR = 0.18215  # LatentDiffusion's scale_factor in the SD v1 yaml
-SCHEDULE_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                 "sqrt_one_minus_alphas_cumprod")
+REFERENCE_SCALE_FACTOR = LATENT_SCALE_SD_V1  # LatentDiffusion's scale_factor in the SD v1 yaml
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +371,7 @@ class Txt2ImgResult:
         layers = []
         for step, res in self.layers.items():
             rep, cul = res.report, res.report.culprit
-            worst = sorted(rep.layers, key=_worst_key, reverse=True)[:10]
+            worst = sorted(rep.layers, key=worst_key, reverse=True)[:10]
             layers.append({"step": step, "t": self.steps[step]["t"], "passed": rep.passed, "counts": rep.counts(),
                            "culprit": None if cul is None else cul.line(),
                            "worst": [{"native": l.native, "reference": l.reference, "kind": l.kind,
@@ -417,7 +417,8 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
     would need tens of GiB."""
     if sampler not in P.SAMPLERS:
         raise SdportError(f"sampler {sampler!r}: choose plms or ddim")
-    dev, ndtype = resolve_device(device), dtype_of(dtype)
+    dev = resolve_device(device)
+    dtype_of(dtype)  # the name checked before any work
     gate_dtype = dtype_key(gate_dtype or dtype)
     tol = tolerance or latent_tolerance(gate_dtype)
     psnr_min = IMAGE_PSNR_DB[gate_dtype] if image_psnr_db is None else float(image_psnr_db)
@@ -488,7 +489,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                                   "it batched them (uncond half first)" + ("" if ref_uc is not None else
                                                                           " (scale 1: one half)"),
                         "shapes": {k: list(v.shape) for k, v in inp.items()}}
-                layers[s] = compare_layers("unet", ref.unet, unet, ucfg, fmt, to_device(inp, dev), ndtype, dtype,
+                layers[s] = compare_layers("unet", ref.unet, unet, ucfg, fmt, to_device(inp, dev), dtype,
                                            dev, layer_tol, desc, work,
                                            progress=lambda what, done, total, unit="layer", s=s:
                                            progress(f"step {s} {what}", done, total, unit))

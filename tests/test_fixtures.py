@@ -30,7 +30,7 @@ def test_committed_files_are_rebuilt_by_the_script(variants):
 
 
 def test_fixtures_are_not_degenerate(variants):
-    """Zero-initialised layers were re-initialised and norms jittered (DESIGN.md section 6)."""
+    """Zero-initialised layers were re-initialised and norms jittered."""
     with open_checkpoint(variants["lightning"]) as ck:
         for k in ck.keys():
             t = ck.tensor(k)

@@ -88,3 +88,23 @@ def test_storage_knows_no_model():
     bad = [b for b in _offenders([os.path.join("models", "storage")], ["sdport.models"])
            if not any(b.endswith(f" imports {a}") or f" imports {a}." in b for a in allowed)]
     assert bad == []
+
+
+def test_the_command_lines_dtype_names_are_the_libraries():
+    """cli.py names the dtypes itself (building the command line imports no torch): the same names."""
+    from sdport import cli
+    from sdport.models.devices import DTYPES
+    from sdport.parity.metrics import DEFAULT_TOLERANCES
+
+    assert cli.DTYPES == tuple(DTYPES)
+    assert set(cli.GATES) == set(DEFAULT_TOLERANCES)
+    assert cli.COMPONENT_NAMES == tuple(__import__("sdport.models.components", fromlist=["NAMES"]).NAMES)
+
+
+def test_building_the_command_line_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sdport.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -196,3 +196,16 @@ def test_demo_runs_from_another_directory(tmp_path):
     for name in ("parity-unet.json", "parity-unet.html", "parity-unet.xml", "sd-tiny.h5"):
         assert (tmp_path / "demo" / name).exists()
         assert str(tmp_path / "demo" / name) in out or name == "sd-tiny.h5"
+
+
+def test_every_compared_layer_carries_its_wall_time(fp32_results, tmp_path):
+    """Each layer record holds the seconds its forward and comparisons took, and JUnit cases carry them."""
+    import xml.etree.ElementTree as ET
+
+    result = next(iter(fp32_results.values()))
+    seconds = [layer.seconds for layer in result.report.layers]
+    assert all(s is not None and s >= 0 for s in seconds) and sum(seconds) > 0
+    path = tmp_path / "r.xml"
+    result.report.to_junit(str(path))
+    times = [float(c.get("time")) for c in ET.parse(path).iter("testcase") if c.get("time") is not None]
+    assert len(times) == len(seconds) and sum(times) > 0

@@ -9,6 +9,7 @@ import torch
 from sdport.convert.checkpoint import open_checkpoint
 from sdport.convert.detect import plan
 from sdport.parity import harness
+from sdport.parity.components import entry
 
 # (component, fixture variant): every reference builder, and checkpoints that carry position_ids / EMA.
 CASES = [("unet", "lightning"), ("text_model", "lightning"), ("encoder", "lightning"), ("decoder", "lightning"),
@@ -20,7 +21,7 @@ def _copied_reference(component, path):
     with open_checkpoint(path) as ckpt:
         cp = plan(ckpt, components={component}).components[component]
         sd = {s: ckpt.tensor(cp.key_of[s]).float() for r in cp.rows for s in r.sources}
-    model = harness._reference_builder(component, cp.source_format)(cp.config)
+    model = entry(component).reference_builder(cp.source_format)(cp.config)
     model.load_state_dict(sd, strict=False)
     return model.float().eval()
 
@@ -61,15 +62,16 @@ def test_parameters_on_meta_keeps_buffers_and_restores_modules():
 
 def test_missing_weights_are_refused(variants, monkeypatch):
     """A reference tensor the checkpoint does not fill would stay on meta: refused by name."""
-    real = harness._reference_builder
+    decoder = entry("decoder")
+    real = decoder.reference_builder
 
-    def with_extra(component, fmt):
+    def with_extra(fmt):
         def build(cfg):
-            m = real(component, fmt)(cfg)
+            m = real(fmt)(cfg)
             m.extra = torch.nn.Linear(2, 2)  # built under parameters_on_meta: meta, in no checkpoint
             return m
         return build
 
-    monkeypatch.setattr(harness, "_reference_builder", with_extra)
+    monkeypatch.setattr(decoder, "reference_builder", with_extra)
     with pytest.raises(harness.ParityError, match=r"missing \['extra.weight'"):
         harness.load_reference("decoder", variants["lightning"])

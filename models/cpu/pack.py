@@ -3,8 +3,7 @@
 oneDNN runs a convolution or a GEMM on weights in a blocked layout (e.g. OIhw16i16o), not in the
 plain layout an `nn.Conv2d` / `nn.Linear` holds, so every eager call first reorders the whole weight.
 For the UNet's 8x8 and 16x16 levels, whose 1280- and 2560-channel 3x3 weights are 59-118 MB each, that
-reorder costs about as much as the convolution itself (2560->1280 at 8x8: 94 GFLOP/s plain against
-247 GFLOP/s pre-packed; bench/README.md). A packed module does the reorder once and frees the plain
+reorder costs about as much as the convolution itself (bench/README.md has the figures). A packed module does the reorder once and frees the plain
 weight: memory stays the same, the arithmetic is oneDNN's either way (convolutions give the same bits,
 GEMMs agree to ~2e-7 relative).
 
@@ -172,7 +171,7 @@ def pack_all(model: nn.Module) -> int:
 def pack_on_first_call(model: nn.Module) -> None:
     """Pack every lazily packed module of `model` when `model` is first called, before its forward
     allocates anything. Packing layer by layer inside the forward interleaves the packed weights with
-    the activations on the heap, and the next call ran about 0.3 s (3-4 %) slower (bench/README.md)."""
+    the activations on the heap, and the next call ran slower (bench/README.md)."""
 
     def hook(module, args):
         handle.remove()

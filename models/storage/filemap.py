@@ -1,8 +1,8 @@
 """Copy-on-write numpy views of byte ranges of one open file, cut from one memory map of the whole file.
 
-Why one map: Python's mmap.mmap duplicates the file descriptor for every map it makes, and here each
-duplicate kept open cost about 37 us: 25-30 ms for the full UNet's 638 datasets (bench/README.md, "One
-map per file"). One map of the whole file costs one call.
+Why one map: Python's mmap.mmap duplicates the file descriptor for every map it makes, and each
+duplicate kept open has a cost, paid 638 times for the full UNet (bench/README.md, "One map per
+file", has the figures). One map of the whole file costs one call.
 
 What a map per dataset gave for free is kept: when a view dies (its tensor was cast, moved or packed),
 the pages that lie wholly inside its range are handed back with madvise(MADV_DONTNEED), as unmapping

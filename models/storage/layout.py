@@ -193,7 +193,7 @@ class LayoutReader:
         """The h5py dataset `/group/key` (LayoutError when absent or not a dataset)."""
         ds = self._datasets.get((group, key))  # cached: a model load asks for each dataset twice
         if ds is None:
-            try:  # the low-level open: 14 us, against 35-45 for Group.get (638 of them per UNet)
+            try:  # the low-level open: a fraction of Group.get's cost, paid 638 times per UNet
                 oid = h5py.h5o.open(self._group(group).id, key.encode())
             except KeyError as e:  # absent, or present with a header HDF5 cannot read
                 if key in self._group(group):
@@ -242,7 +242,7 @@ class LayoutReader:
         out = {}
         for key in self._group(group):
             ds = self.dataset(group, key)
-            if h5py.h5a.exists(ds.id, b"quantization"):  # 3 us, against 17 for attrs.get
+            if h5py.h5a.exists(ds.id, b"quantization"):  # much cheaper than attrs.get, once per dataset
                 q = _decode(ds.attrs["quantization"])
                 if not isinstance(q, dict):
                     raise LayoutError(f"{self.path}: /{group}/{key} has a quantization attribute that is not a JSON object")
@@ -279,7 +279,7 @@ class LayoutReader:
 
     def _stored(self, ds: h5py.Dataset) -> np.ndarray:
         """The dataset's stored elements, whatever their type: mapped when contiguous and unfiltered."""
-        # h5py's low-level calls: its high-level properties cost 10-15 us each, times 638 datasets.
+        # h5py's low-level calls: its high-level properties cost several times more, times 638 datasets.
         # HDF5 gives an offset only for contiguous, allocated data in this file: a chunked (so possibly
         # filtered), compact, external or virtual dataset has none, and is read through HDF5.
         dtype, offset, shape = ds.id.dtype, ds.id.get_offset(), ds.shape
