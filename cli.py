@@ -719,6 +719,8 @@ def parity_check(golden_path, h5, checkpoint, json_path, junit, html, tol, toler
     with _stages("parity check") as progress:
         result = check(golden_path, h5=h5, checkpoint=checkpoint, device=device, dtype=dtype,
                        tolerance=_tolerance(dtype, tol, tolerances), progress=progress)
+    if result.report.inputs.get("provenance"):
+        click.echo(f"warning: {result.report.inputs['provenance']}", err=True)
     _finish(result, json_path, junit, html)
 
 

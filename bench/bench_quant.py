@@ -27,7 +27,8 @@ import common  # noqa: E402
 from common import FULL_CKPT, current_rss_mib, peak_rss_mib  # noqa: E402
 
 from sdport.convert.convert import convert  # noqa: E402
-from sdport.models.cpu import pack, quant  # noqa: E402
+from sdport.models import quant  # noqa: E402
+from sdport.models.cpu import pack  # noqa: E402
 from sdport.models.storage.layout import LayoutReader  # noqa: E402
 from sdport.models.load import load_model  # noqa: E402
 from sdport.parity.quant import quant_report  # noqa: E402

@@ -25,7 +25,7 @@ from ..models.components import NAMES
 from ..models.errors import cut
 from ..models import devices
 from ..models.load import load_model
-from ..models.storage.layout import LayoutReader
+from ..models.storage.layout import LayoutReader, file_sha256
 from . import golden
 from .capture import hooks, modules_by_name
 from .components import TEXT_ENCODER, Drawer, ParityError, cast_floats, entry
@@ -351,6 +351,7 @@ def record(component: str, checkpoint: str, out: str, *, stats_only: bool = Fals
                                        encode_text=encode)
         desc.update(checkpoint=os.path.basename(checkpoint), source_format=fmt)
         attrs = {"component": component, "producer": "sdport reference side (ldm / transformers / open_clip)",
+                 "source_file": os.path.basename(checkpoint), "source_sha256": file_sha256(checkpoint),
                  "seed": seed, "device": device_name(dev), "dtype": "fp32", "inputs_description": desc,
                  "versions": collect_versions(), "source_format": fmt, "commit": _commit()}
         with golden.ActivationWriter(out, mode=golden.STATS if stats_only else golden.FULL, attrs=attrs,
@@ -393,6 +394,7 @@ def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = N
             work = stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-check-"))
             h5 = ensure_h5(checkpoint, None, work, [component])
         native, cfg, _ = load_native(h5, component, dev, ndtype)
+        differ = provenance_mismatch(dump, h5)
         check_input_shapes(component, cfg, dump.input_shapes(), golden_path)
         inputs = dump.inputs()
         entry(component).check_values(cfg, inputs, golden_path)
@@ -417,12 +419,35 @@ def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = N
         desc = dict(dump.attr("inputs_description") or {})
         desc.update(golden=os.path.basename(golden_path), golden_mode=dump.mode, h5=os.path.basename(h5),
                     bit_exact_layers=sum(bit_exact.values()))
+        if differ:
+            desc["provenance"] = differ
         layers = tuple(make_layer(e.index, display(e.name), display(e.reference), e.kind, e.shape, tol,
                                   accumulated=acc[e.name], seconds=clock.seconds.get(e.name))
                        for e in dump.entries if e.name in acc)
         unpaired = {e.name: "native module did not run" for e in dump.entries if e.name not in acc}
         report = Report(component, (ACCUMULATED,), dtype, device_name(dev), tol, desc, collect_versions(), layers)
     return ParityResult(report, unpaired, {})
+
+
+def provenance_mismatch(dump: golden.ActivationReader, h5: str) -> str | None:
+    """Why the dump and the layout may come from different checkpoints (None when nothing says so):
+    the sha256 of the source each records, else their file names."""
+    with LayoutReader(h5) as r:
+        attrs = r.attrs
+    want_sha, have_sha = dump.attr("source_sha256"), attrs.get("source_sha256")
+    if isinstance(want_sha, str) and isinstance(have_sha, str) and want_sha and have_sha:
+        if want_sha != have_sha:
+            return (f"the sources differ: the dump was recorded from {cut(dump.attr('source_file'), 60)} "
+                    f"(sha256 {want_sha[:12]}...), {os.path.basename(h5)} was converted from "
+                    f"{cut(attrs.get('source_file'), 60)} (sha256 {have_sha[:12]}...); every layer will differ")
+        return None
+    desc = dump.attr("inputs_description")
+    want = dump.attr("source_file") or (desc.get("checkpoint") if isinstance(desc, dict) else None)
+    have = attrs.get("source_file")
+    if isinstance(want, str) and isinstance(have, str) and want and have and want != have:
+        return (f"the sources may differ: the dump was recorded from {cut(want, 60)}, {os.path.basename(h5)} "
+                f"was converted from {cut(have, 60)} (the dump records no sha256 to compare)")
+    return None
 
 
 def compare_dumps(a_path: str, b_path: str, *, dtype: str = "fp32", tolerance: Tolerance | None = None) -> ParityResult:

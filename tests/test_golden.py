@@ -120,3 +120,18 @@ def test_bad_dump_is_bad_input(converted, tmp_path):
     assert rc == 2 and "not an activation dump" in err
     rc, _, err = run_cli("parity", "compare", tmp_path / "none.h5", GOLDEN)
     assert rc == 2 and "no such file" in err
+
+
+def test_check_says_when_the_dump_and_the_layout_come_from_different_sources(dumps, converted):
+    """The dump records its source's sha256; a layout converted from another file is named as such."""
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+
+    with h5py.File(dumps["stats"], "r") as f:
+        assert len(f.attrs["source_sha256"]) == 64
+    same = CliRunner().invoke(main, ["parity", "check", "--golden", str(dumps["stats"]), "--h5", converted["lightning"]])
+    assert same.exit_code == 0 and "sources" not in same.stderr, same.output
+    other = CliRunner().invoke(main, ["parity", "check", "--golden", str(dumps["stats"]), "--h5", converted["flat"]])
+    warning = [ln for ln in other.stderr.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and "the sources differ" in warning[0] and "sd-tiny" in warning[0], other.stderr
