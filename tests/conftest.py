@@ -32,6 +32,33 @@ def converted(variants, tmp_path_factory):
 
 
 def run_cli(*args, cwd=None, env=None):
+    """Run the sdport CLI in this process through click's CliRunner: (returncode, stdout, stderr).
+
+    Like a process: an uncaught exception shows as its traceback on stderr with exit code 1 (so "no
+    traceback" assertions mean what they say). Tests of what only a real process shows (signals, a
+    closed stdout, interpreter exit) use run_cli_process."""
+    import traceback
+
+    from click.testing import CliRunner
+
+    from sdport.cli import main
+
+    here = os.getcwd()
+    try:
+        if cwd:
+            os.chdir(cwd)
+        r = CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=True)
+    finally:
+        os.chdir(here)
+    err = r.stderr
+    code = r.exit_code
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        err += "".join(traceback.format_exception(r.exception))
+        code = 1
+    return code, r.stdout, err
+
+
+def run_cli_process(*args, cwd=None, env=None):
     """Run the sdport CLI in a subprocess: (returncode, stdout, stderr)."""
     p = subprocess.run([sys.executable, "-m", "sdport.cli", *map(str, args)], capture_output=True, text=True,
                        cwd=cwd, env=env)

@@ -65,6 +65,11 @@ def run(case: dict, cli) -> dict:
 def main() -> None:
     import torch  # noqa: F401 (imported before forking, as every command needs it)
 
+    # What the commands import on first use, imported once here so each child starts warm.
+    import sdport.convert.convert  # noqa: F401
+    import sdport.convert.inspect  # noqa: F401
+    import sdport.models.pipeline  # noqa: F401
+    import sdport.parity.harness  # noqa: F401
     from sdport import cli
 
     cases = json.load(open(sys.argv[1]))
