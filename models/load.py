@@ -77,11 +77,11 @@ def check_datasets(reader: LayoutReader, component: str) -> tuple[torch.nn.Modul
     extra = sorted(have - set(want))
     if extra:
         raise LayoutError(f"{reader.path}: /{component}/{cut(extra[0])} is not a parameter of the native {component}")
-    for k, meta in want.items():
-        shape = reader.dataset(component, k).shape
+    for k, (shape, dtype) in reader.describe(component, want).items():
+        meta = want[k]
         if shape != tuple(meta.shape):
             raise LayoutError(f"{reader.path}: /{component}/{k} has shape {cut(shape)}, expected {list(meta.shape)}")
-        _check_dtype(reader, component, k, reader.torch_dtype(component, k), meta)
+        _check_dtype(reader, component, k, dtype, meta)
     return model, want
 
 

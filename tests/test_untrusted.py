@@ -40,6 +40,10 @@ CASES = [
         ("h5_vds", "virtual"), ("h5_vds_missing", "virtual")] for cmds in (VERIFY, EXPORT, TXT2IMG, CHECK_H5)],
     *[(name, cmds, 2, word) for name, word in [("h5_external_link", "external link"), ("h5_soft_link", "soft link")]
       for cmds in (VERIFY, EXPORT, TXT2IMG, CHECK_H5, INSPECT)],
+    ("h5_nested_link", VERIFY, 1, "no dataset"),
+    *[("h5_nested_link", cmds, 2, "no dataset") for cmds in (EXPORT, TXT2IMG)],
+    ("golden_nested_link", CHECK_GOLDEN, 2, "is a group"),
+    ("golden_nested_link", COMPARE, 2, "is a group"),
     ("golden_external_input", CHECK_GOLDEN, 2, "external"),
     ("golden_external_link", CHECK_GOLDEN, 2, "external link"),
     ("golden_external_link", COMPARE, 2, "external link"),

@@ -6,8 +6,8 @@ whose filter id the library does not know makes it dlopen shared libraries from 
 layouts sdport writes (weights and activation dumps) use none of these, so a reader:
 
 - switches plugin loading off for the process (`disable_plugins`, run when this module is imported);
-- walks every link of the file once at open and refuses anything but hard links to groups and
-  datasets (`check_links`), before any data is read;
+- inspects every link it can reach at open (the root's and its groups') and refuses anything but
+  hard links (`check_links`), before any data is read;
 - before reading a dataset through HDF5, checks its storage (`check_storage`): contiguous or compact
   bytes inside the file, or chunks filtered by deflate/shuffle/fletcher32 only, and a declared size
   that the bytes stored for it can really hold (a dataset declaring billions of elements with nothing
@@ -38,7 +38,6 @@ DEFLATE_RATIO = 1032  # deflate's largest possible expansion: stored bytes -> at
 INFLATE_RATIO = 64
 INFLATE_SLACK = 256 << 20
 MAX_LINKS = 1 << 20  # links in one file (the full SD v1 layout has about 1,150)
-MAX_DEPTH = 8  # group nesting (the layouts use 2)
 _LINK_KINDS = {h5py.h5l.TYPE_SOFT: "a soft link", h5py.h5l.TYPE_EXTERNAL: "an external link (into another file)"}
 _LAYOUTS = {h5py.h5d.COMPACT: "compact", h5py.h5d.CONTIGUOUS: "contiguous", h5py.h5d.CHUNKED: "chunked"}
 
@@ -106,41 +105,48 @@ def open_file(path: str, error=BadFile) -> h5py.File:
 
 
 def check_links(f: h5py.File, path: str, error=BadFile) -> None:
-    """Every link in the file is a hard link to a group or dataset, groups nest at most MAX_DEPTH deep
-    and hold at most MAX_LINKS links in all; links are inspected, never followed out of the file."""
-    seen: set = set()
-    todo = [(f.id, "", 0)]
+    """Every link sdport can reach is a hard link: those of the root, and those of its groups. The
+    layouts keep datasets in groups under the root and nothing deeper, and the readers open a group's
+    member only as a dataset (anything else is refused there), so no deeper link is ever followed.
+    Root members are groups or datasets, at most MAX_LINKS links in all; links are inspected, never
+    followed out of the file.
+
+    Only the root's members are opened to learn their type (a few); a group's members are checked from
+    their link records alone, which HDF5 lists without reading each object's header (a UNet group's
+    638 headers would cost several times more than the listing)."""
     count = 0
-    while todo:
-        gid, prefix, depth = todo.pop()
+
+    def links(gid, prefix: str) -> list:
+        nonlocal count
         found: list = []
 
         def visit(name, info):
             found.append((name, info.type))
-            if len(found) > MAX_LINKS:
-                return 1  # stop iterating
-            return None
+            return 1 if count + len(found) > MAX_LINKS else None  # 1 stops the iteration
 
         gid.links.iterate(visit, info=True)
         count += len(found)
         if count > MAX_LINKS:
             raise error(f"{path}: more than {MAX_LINKS} links in the file; refusing to walk it")
         for raw, kind in found:
-            name = f"{prefix}/{raw.decode('utf-8', 'replace')}"
             if kind != h5py.h5l.TYPE_HARD:
                 what = _LINK_KINDS.get(kind, f"a user-defined link (type {kind})")
+                name = f"{prefix}/{raw.decode('utf-8', 'replace')}"
                 raise error(f"{path}: {_cut(name)} is {what}; the sdport layouts use none, refusing the file")
-            info = h5py.h5o.get_info(gid, raw)
-            if info.type == h5py.h5o.TYPE_GROUP:
-                token = getattr(info, "token", None) or getattr(info, "addr", None)
-                if token in seen:
-                    raise error(f"{path}: group {_cut(name)} is linked twice (a loop or an alias); refusing the file")
-                seen.add(token)
-                if depth + 1 >= MAX_DEPTH:
-                    raise error(f"{path}: groups nest deeper than {MAX_DEPTH} levels at {_cut(name)}")
-                todo.append((h5py.h5g.open(gid, raw), name, depth + 1))
-            elif info.type != h5py.h5o.TYPE_DATASET:
-                raise error(f"{path}: {_cut(name)} is a named datatype, not a group or dataset; refusing the file")
+        return [raw for raw, _ in found]
+
+    seen: set = set()
+    for raw in links(f.id, ""):
+        name = f"/{raw.decode('utf-8', 'replace')}"
+        info = h5py.h5o.get_info(f.id, raw)
+        if info.type == h5py.h5o.TYPE_GROUP:
+            token = getattr(info, "token", None) or getattr(info, "addr", None)
+            if token in seen:
+                raise error(f"{path}: group {_cut(name)} is linked twice (an alias); refusing the file")
+            seen.add(token)
+            links(h5py.h5g.open(f.id, raw), name)
+        elif info.type != h5py.h5o.TYPE_DATASET:
+            raise error(f"{path}: {_cut(name)} is a named datatype, not a group or dataset; refusing the file")
 
 
 class InflateBudget:

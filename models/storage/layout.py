@@ -46,6 +46,7 @@ _DTYPES = {
 }
 _BY_NAME = {name: (np_dt, t) for t, (np_dt, name) in _DTYPES.items()}
 _STORED = {np.dtype(np_dt) for np_dt, _ in _DTYPES.values()}  # native byte order only
+_TORCH_OF = {np.dtype(np_dt): t for t, (np_dt, _) in _DTYPES.items()}  # uint16 (bf16 bits) is decided apart
 
 # What h5py raises when a file's metadata is damaged, depending on which structure broke: OSError
 # ("ran off end of input buffer"), RuntimeError ("incorrect metadata checksum"), KeyError ("bad object
@@ -257,14 +258,22 @@ class LayoutReader:
     @_reading
     def torch_dtype(self, group: str, key: str) -> torch.dtype:
         """The torch dtype the dataset's data would load as, read from its metadata alone."""
-        ds = self.dataset(group, key)
+        return self._torch_dtype(self.dataset(group, key), group, key)
+
+    @_reading
+    def describe(self, group: str, keys) -> dict[str, tuple]:
+        """{key: (shape, torch dtype)} of the datasets `keys` of `group`, from their metadata alone (one
+        guarded call for all of them: a model load asks this for every dataset)."""
+        return {k: (ds.shape, self._torch_dtype(ds, group, k)) for k in keys for ds in (self.dataset(group, k),)}
+
+    def _torch_dtype(self, ds: h5py.Dataset, group: str, key: str) -> torch.dtype:
         dtype = self._element_type(ds, group, key)
         if dtype == np.uint16:
             if not _is(_decode(ds.attrs.get("dtype")), "bfloat16"):
                 raise LayoutError(f"{self.path}: /{group}/{key} is stored as uint16 without the dtype attribute "
                                   f"'bfloat16' (the only use of uint16 in the layout)")
             return torch.bfloat16
-        return _BY_NAME[next(n for t, (np_dt, n) in _DTYPES.items() if np.dtype(np_dt) == dtype)][1]
+        return _TORCH_OF[dtype]
 
     def _element_type(self, ds: h5py.Dataset, group: str, key: str) -> np.dtype:
         dtype = ds.id.dtype
@@ -305,7 +314,7 @@ class LayoutReader:
         # uint16 storage holds bfloat16 bits, and only those (the dataset's dtype attribute says so);
         # every other type is its own name.
         if arr.dtype == np.uint16:
-            self.torch_dtype(group, key)
+            self._torch_dtype(ds, group, key)
         if arr.ndim == 0:  # 0-d datasets come back as numpy scalars, which torch refuses
             arr = np.array(arr).reshape(())
         t = torch.from_numpy(np.asarray(arr))
