@@ -259,9 +259,7 @@ def export(h5: str, out: str, *, force: bool = False, wrapper: str | None = None
         os.replace(partial, out)
         partials.end(partial, out)
     except BaseException as e:
-        if os.path.exists(partial):
-            os.remove(partial)
-        partials.end(partial)
+        partials.discard(partial)
         if isinstance(e, (OSError, RuntimeError)) or type(e).__name__ == "SafetensorError":
             raise SdportError(f"{out}: cannot write ({_write_reason(e)}); removed the partial output, "
                               f"the destination is untouched") from None

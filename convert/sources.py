@@ -81,7 +81,8 @@ def key_prefixes() -> dict[str, str]:
     out = {}
     for s in SOURCES:
         for p in s.prefixes:
-            for own in (s.present_if or s.owns) if not p else s.owns:
+            # at the root (prefix ""), a layout without a prefix of its own is known by its key starts
+            for own in s.present_if if not p and s.present_if else s.owns:
                 if p + own:
                     out.setdefault(p + own, s.component)
     return dict(sorted(out.items(), key=lambda kv: -len(kv[0])))

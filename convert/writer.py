@@ -156,9 +156,7 @@ class LayoutWriter:
             self.f.close()
         except Exception:  # the file may already be unusable (disk full): removing it is what matters
             pass
-        if os.path.exists(self.partial):
-            os.remove(self.partial)
-        partials.end(self.partial)
+        partials.discard(self.partial)
 
     def __enter__(self):
         return self

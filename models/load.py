@@ -97,7 +97,7 @@ def _load(source, component, device, dtype, packed):
     model, want = check_datasets(reader, component)
     sd = {}
     for k, meta in want.items():
-        sd[k] = reader.tensor(component, k, shape=tuple(meta.shape))  # checked by check_datasets, before reading
+        sd[k] = reader.tensor(component, k)  # its shape and type were checked by check_datasets, before reading
     model.load_state_dict(sd, assign=True)
     del sd  # the model holds the tensors now; packing below must be able to free each plain weight
     if isinstance(dtype, str):

@@ -141,9 +141,7 @@ class ActivationWriter:
         if self.f:
             self.f.close()
             self.f = None
-        if os.path.exists(self.partial):
-            os.remove(self.partial)
-        partials.end(self.partial)
+        partials.discard(self.partial)
 
     def __enter__(self):
         return self

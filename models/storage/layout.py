@@ -304,12 +304,8 @@ class LayoutReader:
         return np.asarray(ds[()])
 
     @_reading
-    def tensor(self, group: str, key: str, shape: tuple | None = None) -> torch.Tensor:
-        """The dataset as a tensor; with `shape`, a dataset of another shape is refused before reading."""
+    def tensor(self, group: str, key: str) -> torch.Tensor:
         ds = self.dataset(group, key)
-        if shape is not None and ds.shape != tuple(shape):
-            got = "no dataspace" if ds.shape is None else f"shape {list(ds.shape)}"
-            raise LayoutError(f"{self.path}: /{group}/{key} has {cut(got)}, expected {list(shape)}")
         arr = self._array(ds, group, key)
         # uint16 storage holds bfloat16 bits, and only those (the dataset's dtype attribute says so);
         # every other type is its own name.

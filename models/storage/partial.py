@@ -25,6 +25,13 @@ def end(partial: str, dest: str | None = None) -> None:
         _DONE.append(dest)
 
 
+def discard(partial: str) -> None:
+    """Remove `partial` if it exists (a write that failed or was given up), and stop naming it."""
+    if os.path.exists(partial):
+        os.remove(partial)
+    end(partial)
+
+
 def remove_open() -> None:
     """Remove every partial file still named (a writer thread may still hold one open: the name goes)."""
     for p in list(_OPEN):
