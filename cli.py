@@ -659,13 +659,26 @@ def _component_command(component):
     @click.option("--mode", type=click.Choice(["accumulated", "isolated", "both"]), default="both", show_default=True)
     @click.option("--gate", "gate_dtype", type=click.Choice(GATES), default=None,
                   help="Whose default tolerances gate (default: int8 when --h5 holds int8 weights, else --dtype).")
+    @click.option("--port", default=None, metavar="SPEC",
+                  help="Compare a port instead of the native model: diffusers, torch:FILE.py:FUNC, "
+                       "torch:package.module:FUNC or dump:FILE.h5 (docs/ports.md).")
+    @click.option("--num-heads", type=click.IntRange(min=1), default=None,
+                  help="UNet attention heads for the reference (and a diffusers port), as for convert.")
     @_input_options
     @_gate_options
-    def cmd(checkpoint, h5, mode, gate_dtype, seed, prompt, batch, size, json_path, junit, html, tol, tolerances,
-            dtype, device):
+    def cmd(checkpoint, h5, mode, gate_dtype, port, num_heads, seed, prompt, batch, size, json_path, junit, html, tol,
+            tolerances, dtype, device):
         from .parity.harness import run_parity
 
         _check_report_paths(json=json_path, junit=junit, html=html)
+        if port is not None:
+            with _stages(f"parity {component} --port") as progress:
+                result = run_parity(component, checkpoint, h5=h5, modes=("accumulated", "isolated") if mode == "both"
+                                    else (mode,), device=device, dtype=dtype, seed=seed, prompt=prompt, batch=batch,
+                                    size=size, tolerance=_tolerance(gate_dtype or dtype, tol, tolerances),
+                                    progress=progress, port=port, num_heads=num_heads)
+            _finish(result, json_path, junit, html)
+            return
         quantized = _layout_gate(h5, component)
         gate = gate_dtype or quantized or dtype
         if quantized and not gate_dtype:

@@ -109,6 +109,15 @@ class ParityComponent:
     def call_reference(self, model, inputs: dict, source_format: str):
         return model(inputs[self.main_input])
 
+    # The reference module whose output is what a port returns, where the reference call's own result
+    # is something else (None: the call's result, contract_output).
+    contract_module: str | None = None
+
+    def contract_output(self, out) -> torch.Tensor:
+        """The reference call's result as a port returns it (docs/ports.md: the `torch:` contract)."""
+        from .layers import first_tensor
+        return first_tensor(out)
+
     def reference_builder(self, source_format: str):
         """cfg -> the reference model (random weights; the harness assigns the checkpoint's)."""
         raise NotImplementedError
@@ -222,6 +231,8 @@ class Encoder(ParityComponent):
     def call_reference(self, model, inputs, source_format):
         return model.encode(inputs["image"])
 
+    contract_module = "quant_conv"  # the moments [B, 2 * embed_dim, h, w], before encode's clamp
+
     def reference_builder(self, source_format):
         from .reference.vae import build_reference
         return build_reference
@@ -229,6 +240,7 @@ class Encoder(ParityComponent):
 
 class Decoder(Encoder):
     name = "decoder"
+    contract_module = None
     other_half = ("encoder", "quant_conv")
 
     def default_size(self, cfg):
@@ -242,6 +254,9 @@ class Decoder(Encoder):
 
     def call_reference(self, model, inputs, source_format):
         return model.decode(inputs["latent"])
+
+    def contract_output(self, out):
+        return out  # the image
 
 
 class ViT(ParityComponent):

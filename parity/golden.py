@@ -24,7 +24,9 @@ from ..models.storage import h5safe, partial as partials
 from ..models.errors import SdportError, cut
 
 FORMAT = "sdport.activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # layers named by sdport's native modules, in the native layout
+REFERENCE_NAMES = 2  # layers named by the reference's modules, in the reference's layout (ports write these)
+VERSIONS = (FORMAT_VERSION, REFERENCE_NAMES)
 FULL, STATS = "full", "stats"
 SAMPLE_SIZE = 4096  # elements in a stats-only layer's strided sample
 MAX_SAMPLE_SIZE = 1 << 24  # the largest `sample_size` a dump may claim
@@ -78,7 +80,7 @@ class ActivationWriter:
     """Writes a dump to `path.partial`, renamed into place by `close()` (never a half file at `path`)."""
 
     def __init__(self, path, *, mode: str = FULL, attrs: dict | None = None, force: bool = True,
-                 summaries: bool = True, sample_size: int = SAMPLE_SIZE):
+                 summaries: bool = True, sample_size: int = SAMPLE_SIZE, version: int = FORMAT_VERSION):
         if mode not in (FULL, STATS):
             raise ValueError(f"mode must be {FULL!r} or {STATS!r}, not {mode!r}")
         self.path = os.fspath(path)
@@ -96,7 +98,9 @@ class ActivationWriter:
         partials.begin(self.partial)  # named before it exists: an interrupt from here on can remove it
         try:
             self.f = h5py.File(self.partial, "w", track_order=True)
-            self.f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "mode": mode,
+            if version not in VERSIONS:
+                raise ValueError(f"version must be one of {VERSIONS}, not {version!r}")
+            self.f.attrs.update({"format": FORMAT, "format_version": version, "mode": mode,
                                  "created": _now(), "sample_size": sample_size})
             for k, v in (attrs or {}).items():
                 self.set_attr(k, v)
@@ -116,14 +120,17 @@ class ActivationWriter:
             self.f["inputs"].create_dataset(name, data=t.float().numpy() if t.is_floating_point() else t.numpy())
             self.f["inputs"][name].attrs["dtype"] = str(t.dtype).removeprefix("torch.")
 
-    def add(self, name: str, reference: str, kind: str, tensor: torch.Tensor) -> None:
-        """Append one layer (execution order is the order of the calls)."""
+    def add(self, name: str, reference: str, kind: str, tensor: torch.Tensor, port_name: str = "") -> None:
+        """Append one layer (execution order is the order of the calls). `port_name`: the producer's
+        own module name (schema 2)."""
         a = _f32(tensor)
         stride = sample_stride(a.size, self.sample_size)
         data = a if self.mode == FULL else strided(a, stride)
         ds = self.layers.create_dataset(f"{self.count:05d}", data=data)
         ds.attrs.update({"name": name, "reference": reference, "kind": kind, "shape": list(a.shape),
                          "stride": stride})
+        if port_name:
+            ds.attrs["port_name"] = port_name
         if self.summaries:
             ds.attrs.update({"sha256": sha256_f32(a), "stats": json.dumps(stats(a))})
         self.count += 1
@@ -161,6 +168,7 @@ class Entry:
     stats: dict
     stride: int
     key: str  # dataset name under /layers
+    port_name: str = ""  # schema 2: the producer's own module name, for reports
 
 
 def _text(v):
@@ -201,8 +209,10 @@ class ActivationReader:
             raise GoldenError(f"{self.path}: not an activation dump (root attribute format={cut(repr(fmt))}, "
                               f"expected {FORMAT!r})")
         version = _text(self.f.attrs.get("format_version", -1))
-        if type(version) is not int or version != FORMAT_VERSION:
-            raise GoldenError(f"{self.path}: activation dump version {cut(repr(version))}; this sdport reads {FORMAT_VERSION}")
+        if type(version) is not int or version not in VERSIONS:
+            raise GoldenError(f"{self.path}: activation dump version {cut(repr(version))}; this sdport reads "
+                              f"{' and '.join(map(str, VERSIONS))}")
+        self.version = version
         if not isinstance(self.f.get("layers"), h5py.Group):
             raise GoldenError(f"{self.path}: no /layers group")
         self.mode = _text(self.f.attrs.get("mode", FULL))
@@ -247,10 +257,12 @@ class ActivationReader:
             st = None
         if not isinstance(st, dict):
             raise GoldenError(f"{where}: attribute stats is not a JSON object")
-        strs = {k: _text(a.get(k, "")) for k in ("reference", "kind", "sha256")}
+        strs = {k: _text(a.get(k, "")) for k in ("reference", "kind", "sha256", "port_name")}
         if not all(isinstance(v, str) for v in strs.values()):
-            raise GoldenError(f"{where}: attributes reference, kind and sha256 must be strings")
-        return Entry(i, name, strs["reference"], strs["kind"], tuple(shape), strs["sha256"], st, stride, key)
+            raise GoldenError(f"{where}: attributes reference, kind, sha256 and port_name must be strings")
+        reference = strs["reference"] or (name if self.version == REFERENCE_NAMES else "")
+        return Entry(i, name, reference, strs["kind"], tuple(shape), strs["sha256"], st, stride, key,
+                     cut(strs["port_name"], 200))
 
     def _read(self, ds: h5py.Dataset, what: str, dtypes: set) -> np.ndarray:
         """A dataset's data, after its storage and element type are checked."""

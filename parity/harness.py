@@ -244,9 +244,25 @@ def _layer_records(order, names, kinds, shapes, acc, iso, tol, seconds=None):
 def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=MODES, device: str = "cpu",
                dtype: str = "fp32", seed: int = 0, prompt: str | None = None, batch: int = 2,
                size: int | None = None, tolerance: Tolerance | None = None, patch_native=None,
-               workdir: str | None = None, progress=None) -> ParityResult:
-    """Reference vs native for one component. `patch_native(model)` may alter the native model
-    before the run (tests plant faults that way); `progress(what, done, total)` as layers complete."""
+               workdir: str | None = None, progress=None, port: str | None = None,
+               num_heads: int | None = None) -> ParityResult:
+    """Reference vs native for one component, or vs a port (`port`: 'diffusers', 'torch:FILE.py:FUNC',
+    'dump:FILE.h5'; parity/ports/). `patch_native(model)` may alter the native model before the run
+    (tests plant faults that way); `progress(what, done, total)` as layers complete. `num_heads`
+    (in no shape of a checkpoint) applies to the reference and to a port built by sdport."""
+    if port is not None:
+        from . import ports
+        spec = ports.parse_spec(port)
+        if h5 is not None:
+            raise ParityError("--h5 names the native side's file; with --port the port is compared instead")
+        if spec.kind == "dump":
+            from .ports.dump import run_dump
+            return run_dump(component, checkpoint, spec, modes=modes, device=device, dtype=dtype,
+                            tolerance=tolerance, num_heads=num_heads, progress=progress)
+        from .ports.run import run_port
+        return run_port(component, checkpoint, spec, modes=modes, device=device, dtype=dtype, seed=seed,
+                        prompt=prompt, batch=batch, size=size, tolerance=tolerance, num_heads=num_heads,
+                        workdir=workdir, progress=progress)
     pc = entry(component)
     modes = tuple(m for m in MODES if m in modes)
     if not modes:
@@ -385,6 +401,9 @@ def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = N
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
         dump = stack.enter_context(golden.ActivationReader(golden_path))
+        if dump.version != golden.FORMAT_VERSION:
+            raise ParityError(f"{golden_path}: a schema-{dump.version} dump names the reference's modules; compare it "
+                              f"with the reference: sdport parity COMPONENT CHECKPOINT --port dump:{golden_path}")
         component = dump.attr("component")
         if component not in COMPONENTS:
             raise ParityError(f"{golden_path}: component {cut(repr(component))} is not one of {', '.join(COMPONENTS)}")
@@ -455,6 +474,9 @@ def compare_dumps(a_path: str, b_path: str, *, dtype: str = "fp32", tolerance: T
     tol = tolerance or default_tolerance(dtype)
     with golden.ActivationReader(a_path) as a, golden.ActivationReader(b_path) as b:
         ca, cb = a.attr("component"), b.attr("component")
+        if a.version != b.version:
+            raise golden.GoldenError(f"{a_path} is a schema-{a.version} dump, {b_path} a schema-{b.version} one: "
+                                     "their layers are named differently (docs/golden.md)")
         if ca != cb:
             raise golden.GoldenError(f"{a_path} holds {ca!r}, {b_path} holds {cb!r}: nothing to compare")
         layers = []

@@ -78,7 +78,7 @@ def layer_table(report: Report, unpaired: Mapping[str, str] | None = None, ancho
     unpaired = unpaired or {}
     cul = report.culprit
     modes = [m for m in MODES if m in report.modes]
-    head = ("<tr><th>#</th><th>status</th><th>native</th><th>reference</th><th>kind</th><th>shape</th>"
+    head = (f"<tr><th>#</th><th>status</th><th>{e(report.candidate)}</th><th>reference</th><th>kind</th><th>shape</th>"
             + "".join(f"<th>{e(m[:3])} {e(_HEAD.get(k, k))}</th>" for m in modes for k in TABLE_METRICS)
             + "</tr>")
     rows = []
@@ -94,7 +94,8 @@ def layer_table(report: Report, unpaired: Mapping[str, str] | None = None, ancho
             broken = {f.split("=")[0].split(" ")[0] for f in l.failures.get(m, ())}
             cells += [metric_cell(k, mm.get(k), k in broken) for k in TABLE_METRICS]
         rows.append(f'<tr id="{anchor}{l.index}" class="{cls}"><td class="num">{l.index}</td><td>{e(l.status)}</td>'
-                    f"<td><code>{breakable(l.native)}</code></td><td><code>{breakable(l.reference)}</code></td>"
+                    f"<td><code>{breakable(l.native)}</code>" + (f"<br><i>{e(l.note)}</i>" if l.note else "")
+                    + f"</td><td><code>{breakable(l.reference)}</code></td>"
                     f"<td>{e(l.kind)}</td><td>{e('x'.join(map(str, l.shape)))}</td>" + "".join(cells) + "</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
@@ -103,7 +104,7 @@ def verdict_box(report: Report, anchor: str = "layer-") -> str:
     cul = report.culprit
     if cul is not None:
         return (f'<div class="culpritbox"><b>Culprit</b> ({e(cul.mode)}): layer '
-                f'<a href="#{anchor}{cul.index}">#{cul.index}</a> native <code>{e(cul.native)}</code>'
+                f'<a href="#{anchor}{cul.index}">#{cul.index}</a> {e(report.candidate)} <code>{e(cul.native)}</code>'
                 f' &larr; reference <code>{e(cul.reference)}</code> ({e(cul.kind)}): '
                 f'{e("; ".join(cul.failures))}' + (f"<br><i>{e(cul.note)}</i>" if cul.note else "") + "</div>")
     if all_exact(report):

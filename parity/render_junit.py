@@ -56,7 +56,7 @@ def junit_xml(report: Report) -> bytes:
         if l.status == "fail":
             msg = "; ".join(f"{m}: {', '.join(f)}" for m, f in l.failures.items() if f)
             fail = ET.SubElement(tc, "failure", message=x(msg), type="ToleranceExceeded")
-            fail.text = x(f"native {l.native} vs reference {l.reference} ({l.kind}, shape "
+            fail.text = x(f"{report.candidate} {l.native} vs reference {l.reference} ({l.kind}, shape "
                           f"{list(l.shape)})\n{detail}")
         out = ET.SubElement(tc, "system-out")
         out.text = x(f"reference {l.reference}; kind {l.kind}; shape {list(l.shape)}\n{detail}")

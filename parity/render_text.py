@@ -48,21 +48,29 @@ def summary_text(report: Report, worst: int = 10) -> str:
     """Terminal summary: verdict and counts, the culprit, the worst layers by rel_l2."""
     c = report.counts()
     tol = report.tolerance
+    pairing = report.inputs.get("pairing")
     out = [f"parity {report.component}: dtype {report.dtype}, device {report.device}, "
            f"modes {'+'.join(report.modes)}, seed {report.inputs.get('seed', '?')}",
            f"{'PASS' if report.passed else 'FAIL'}: {c['fail']} of {c['layers']} layers fail, "
            f"{c['pass']} pass (rel_l2 <= {fmt(tol.rel_l2)})"]
+    if isinstance(pairing, str):
+        out.append(f"pairing from the weights: {pairing}")
     cul = report.culprit
     out.append("culprit: none" if cul is None else f"culprit: {cul.line()}")
     fd = report.first_divergence
     if fd is not None and (cul is None or fd.index != cul.index or cul.mode != ACCUMULATED):
         out.append(f"first accumulated divergence: #{fd.index} {fd.native} (reference {fd.reference})")
+    noted = [l for l in report.layers if l.note]
+    for l in noted[:5]:
+        out.append(f"finding: #{l.index} {l.native} (reference {l.reference}): {l.note}")
+    if len(noted) > 5:
+        out.append(f"... {len(noted) - 5} more findings (in the JSON report)")
     ranked = sorted(report.layers, key=worst_key, reverse=True)[:max(worst, 0)]
     if ranked:
         modes = [m for m in MODES if m in report.modes]
         wn = min(max(len(l.native) for l in ranked), 48)
         wr = min(max(len(l.reference) for l in ranked), 48)
-        head = f"  {'#':>4}  {'native':<{wn}}  {'reference':<{wr}}  " + "  ".join(
+        head = f"  {'#':>4}  {report.candidate:<{wn}}  {'reference':<{wr}}  " + "  ".join(
             f"{'rel_l2 ' + m[:3]:>11}" for m in modes) + "  status"
         out += [f"worst {len(ranked)} by rel_l2:", head]
         for l in ranked:

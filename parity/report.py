@@ -43,6 +43,7 @@ class LayerRecord:
     failures: dict[str, tuple[str, ...]]  # mode -> failed checks (empty tuple when it passed)
     # Wall time the run spent on this layer (LapClock), None where it was not measured.
     seconds: float | None = None
+    note: str = ""                   # a finding about the pair itself (a port's weights swapped, ...)
 
     @property
     def status(self) -> str:
@@ -54,7 +55,7 @@ class LayerRecord:
 
 def make_layer(index: int, native: str, reference: str, kind: str, shape: Sequence[int],
                tol: Tolerance, accumulated: Mapping | None = None,
-               isolated: Mapping | None = None, seconds: float | None = None) -> LayerRecord:
+               isolated: Mapping | None = None, seconds: float | None = None, note: str = "") -> LayerRecord:
     """A layer record with its metrics per mode gated against `tol`."""
     metrics, failures = {}, {}
     for mode, m in ((ACCUMULATED, accumulated), (ISOLATED, isolated)):
@@ -65,7 +66,7 @@ def make_layer(index: int, native: str, reference: str, kind: str, shape: Sequen
     if not metrics:
         raise ValueError(f"layer {native!r}: no metrics for any mode")
     return LayerRecord(int(index), native, reference, kind, tuple(int(s) for s in shape),
-                       metrics, failures, None if seconds is None else float(seconds))
+                       metrics, failures, None if seconds is None else float(seconds), note)
 
 
 class LapClock:
@@ -107,6 +108,7 @@ class Culprit:
 
 
 def _culprit_from(layer: LayerRecord, mode: str, note: str = "") -> Culprit:
+    note = "; ".join(n for n in (layer.note, note) if n)
     return Culprit(layer.index, layer.native, layer.reference, layer.kind, mode,
                    layer.failures[mode], note)
 
@@ -155,6 +157,7 @@ class Report:
     versions: dict
     layers: tuple[LayerRecord, ...]  # execution order
     created: str = dataclasses.field(default_factory=_now)
+    candidate: str = "native"        # what was compared with the reference: "native", "port", "dump"
 
     # --- derived -------------------------------------------------------------------------
     @property
@@ -179,7 +182,7 @@ class Report:
         c = self.culprit
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "component": self.component, "modes": list(self.modes), "dtype": self.dtype,
+            "component": self.component, "candidate": self.candidate, "modes": list(self.modes), "dtype": self.dtype,
             "device": self.device, "created": self.created,
             "passed": self.passed, "counts": self.counts(),
             "culprit": None if c is None else {**dataclasses.asdict(c), "failures": list(c.failures)},
@@ -190,7 +193,7 @@ class Report:
                         "kind": l.kind, "shape": list(l.shape), "status": l.status,
                         "metrics": l.metrics,
                         "failures": {m: list(f) for m, f in l.failures.items()},
-                        "seconds": l.seconds}
+                        "seconds": l.seconds, **({"note": l.note} if l.note else {})}
                        for l in self.layers],
         }
 
@@ -201,11 +204,11 @@ class Report:
         layers = tuple(
             LayerRecord(l["index"], l["native"], l["reference"], l["kind"], tuple(l["shape"]),
                         {m: dict(v) for m, v in l["metrics"].items()},
-                        {m: tuple(f) for m, f in l["failures"].items()}, l.get("seconds"))
+                        {m: tuple(f) for m, f in l["failures"].items()}, l.get("seconds"), l.get("note", ""))
             for l in d["layers"])
         return cls(d["component"], tuple(d["modes"]), d["dtype"], d["device"],
                    tolerance_from_dict(d["tolerance"]), d["inputs"], d["versions"], layers,
-                   d["created"])
+                   d["created"], d.get("candidate", "native"))
 
     def to_json(self, path) -> None:
         # Strict JSON (other tools read it): non-finite floats become the strings "inf"/"-inf"/"nan".

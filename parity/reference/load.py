@@ -19,19 +19,8 @@ def load_reference(component: str, checkpoint: str, *, num_heads: int | None = N
     Keys are read exactly as the converter reads them (same plan: prefix, EMA policy). The model is
     built with its parameters on the meta device and takes the checkpoint's tensors as its parameters
     (`assign=True`), so one copy of the weights exists (a full SD v1 UNet is 3.4 GB in fp32)."""
-    from ...convert.checkpoint import open_checkpoint
-    from ...convert.detect import plan
-
-    with open_checkpoint(checkpoint) as ckpt:
-        p = plan(ckpt, components={component}, num_heads=num_heads)
-        if component not in p.components:
-            raise ParityError(f"{checkpoint}: no {component} component in this checkpoint "
-                              f"(it holds: {', '.join(p.components) or 'none'})")
-        cp = p.components[component]
-        cfg, fmt = cp.config, cp.source_format
-        model = _build_reference(component, cfg, fmt)
-        # .float() is the tensor itself when it is fp32 already; the reader gives each tensor its own memory.
-        sd = {s: ckpt.tensor(cp.key_of[s]).float() for r in cp.rows for s in r.sources}
+    cfg, fmt, sd = read_reference_weights(component, checkpoint, num_heads=num_heads)
+    model = _build_reference(component, cfg, fmt)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     del sd
     # The VAE container holds encoder and decoder; only the other half may stay unloaded, and it is
@@ -49,6 +38,24 @@ def load_reference(component: str, checkpoint: str, *, num_heads: int | None = N
         raise ParityError(f"{checkpoint}: reference {component} has tensors the checkpoint does not fill "
                           f"({', '.join(empty[:3])})")
     return model.float().eval().requires_grad_(False), cfg, fmt
+
+
+def read_reference_weights(component: str, checkpoint: str, *, num_heads: int | None = None):
+    """(config, source format, {source key relative to the component's prefix: fp32 tensor}): the
+    checkpoint's tensors of `component`, read as the converter reads them (same plan: prefix, EMA
+    policy). A port built from the checkpoint (parity/ports/) starts from the same numbers."""
+    from ...convert.checkpoint import open_checkpoint
+    from ...convert.detect import plan
+
+    with open_checkpoint(checkpoint) as ckpt:
+        p = plan(ckpt, components={component}, num_heads=num_heads)
+        if component not in p.components:
+            raise ParityError(f"{checkpoint}: no {component} component in this checkpoint "
+                              f"(it holds: {', '.join(p.components) or 'none'})")
+        cp = p.components[component]
+        # .float() is the tensor itself when it is fp32 already; the reader gives each tensor its own memory.
+        sd = {s: ckpt.tensor(cp.key_of[s]).float() for r in cp.rows for s in r.sources}
+    return cp.config, cp.source_format, sd
 
 
 @contextlib.contextmanager

@@ -1,0 +1,283 @@
+"""A module port against the reference, layer by layer, paired through the weights.
+
+One run:
+1. the reference and the port are loaded and paired (pairing.py);
+2. the reference runs end to end with hooks on every paired module; each output (and, for isolated
+   mode, each recorded input) is spilled to disk as it completes, in execution order; the reference
+   is then freed;
+3. the port runs end to end with hooks on its paired modules. As each completes, its output is
+   compared with the reference's (accumulated mode); in isolated mode the module re-runs at once on
+   the reference's recorded input and is compared again.
+
+Isolated inputs: the port module's own recorded call is replayed with its main input (the first
+tensor) replaced by the reference module's main input, in the port's layout, dtype and device. Its
+other tensor inputs (a resnet's time embedding, the text context) are replaced by the reference
+call's tensor of the same shape (the nearest one, where several have that shape); a port input with
+no such tensor keeps the port's own value.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import tempfile
+
+import torch
+
+from ...models.components import component as native_entry
+from ..components import TEXT_ENCODER, ParityError, entry
+from ..layers import first_tensor
+from ..metrics import METRICS, compare, default_tolerance
+from ..report import ACCUMULATED, ISOLATED, MODES, LapClock, Report, collect_versions, make_layer
+from ..spill import Spill
+from . import PortSpec, load_port
+from .pairing import Pair, coverage_line, pair_modules
+
+MODEL = "(model)"  # the row of the whole model: the port's return value against the reference's
+
+
+def _tensors(args, kwargs) -> list[torch.Tensor]:
+    out = []
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out.extend(x for x in v if isinstance(x, torch.Tensor))
+    return out
+
+
+def _metrics(a: torch.Tensor, r: torch.Tensor) -> dict:
+    if a.numel() != r.numel():
+        return {m: float("nan") for m in METRICS} | {"nonfinite": 0}
+    return compare(a, r)
+
+
+def to_reference_layout(pair: Pair, y: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A port output in the reference's layout: tokens [B, HW, C] -> [B, C, H, W] where the pairing
+    says the port computes on tokens."""
+    y = y.detach().to(device="cpu", dtype=torch.float32)
+    if pair.tokens and y.dim() == 3 and len(shape) == 4 and y.numel() == torch.Size(shape).numel():
+        return y.transpose(1, 2).reshape(shape)  # [B, HW, C] -> [B, C, HW] -> [B, C, H, W]
+    return y
+
+
+def _reference_output(outs: list[torch.Tensor]) -> torch.Tensor:
+    """Several reference layers of one fused port layer: their outputs concatenated along the
+    feature axis (channels of NCHW, the last axis of tokens)."""
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat(outs, dim=1 if outs[0].dim() == 4 else -1)
+
+
+def reference_text_context(checkpoint: str, ids: torch.Tensor, device) -> torch.Tensor:
+    """The reference text encoder's context for token ids (--prompt on a port's UNet)."""
+    from ..reference.load import load_reference
+
+    model, _, fmt = load_reference(TEXT_ENCODER, checkpoint)
+    with torch.no_grad():
+        out = entry(TEXT_ENCODER).call_reference(model.to(device), {"ids": ids.to(device)}, fmt)
+    return first_tensor(out).float()
+
+
+def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, device: str = "cpu",
+             dtype: str = "fp32", seed: int = 0, prompt: str | None = None, batch: int = 2,
+             size: int | None = None, tolerance=None, num_heads: int | None = None,
+             workdir: str | None = None, progress=None):
+    from .. import harness
+    from ..reference.load import load_reference
+
+    progress = progress or harness.no_progress
+    pc = entry(component)
+    modes = tuple(m for m in MODES if m in modes)
+    dev, pdtype = harness.resolve_device(device), harness.dtype_of(dtype)
+    harness.deterministic()
+    tol = tolerance or default_tolerance(dtype)
+    with contextlib.ExitStack() as stack:
+        work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-port-"))
+        ref, cfg, fmt = load_reference(component, checkpoint, num_heads=num_heads)
+        ref = ref.to(dev)
+        port = load_port(spec, checkpoint, component, num_heads=num_heads, dtype=pdtype, device=dev)
+        pairing = pair_modules(port, ref)
+        encode = None
+        if pc.takes_prompt_context and prompt is not None:
+            encode = lambda ids: reference_text_context(checkpoint, ids, dev)  # noqa: E731
+        cpu_inputs, desc = harness.draw_inputs(component, cfg, seed=seed, batch=batch, size=size, prompt=prompt,
+                                               encode_text=encode)
+        desc.update(checkpoint=os.path.basename(checkpoint), port=spec.label, source_format=fmt,
+                    reference_dtype="fp32", pairing=coverage_line(pairing.coverage),
+                    pairing_counts=pairing.coverage)
+        spill = stack.enter_context(Spill(work))
+        order = reference_pass(component, ref, pairing, harness.to_device(cpu_inputs, dev), fmt, spill,
+                               record_inputs=ISOLATED in modes, progress=progress)
+        del ref
+        gc.collect()
+        rows, not_run = port_pass(component, port, pairing, order, cpu_inputs, spill, modes, progress)
+        desc["spilled_bytes"] = spill.bytes
+    layers = tuple(make_layer(i, name, refname, kind, shape, tol, accumulated=acc,
+                              isolated=iso, seconds=sec, note=note)
+                   for i, (name, refname, kind, shape, acc, iso, sec, note) in enumerate(rows))
+    unpaired = {f"port {k or MODEL}": v for k, v in pairing.port_unpaired.items()}
+    unpaired.update({f"reference {k or MODEL}": v for k, v in pairing.reference_unpaired.items()})
+    unpaired.update(not_run)
+    report = Report(component, modes, dtype, harness.device_name(dev), tol, desc, collect_versions(), layers,
+                    candidate="port")
+    return harness.ParityResult(report, unpaired, dict(pairing.unmatched))
+
+
+def _hooked(pairing) -> list[Pair]:
+    """The pairs observed through hooks (the whole model is compared through the calls' results)."""
+    return [p for p in pairing.pairs if p.port != "" and "" not in p.reference]
+
+
+@torch.no_grad()
+def reference_pass(component, ref, pairing, inputs, fmt, spill: Spill, *, record_inputs: bool, progress):
+    """Run the reference, spilling each paired layer's output (and inputs); returns the pairs in the
+    order their reference layers completed, the whole model last."""
+    pc = entry(component)
+    pairs = _hooked(pairing)
+    members: dict[str, list[tuple[Pair, int]]] = {pc.contract_module: []} if pc.contract_module else {}
+    contract: list[torch.Tensor] = []
+    for p in pairs:
+        for i, r in enumerate(p.reference):
+            members.setdefault(r, []).append((p, i))
+    got: dict[int, dict[int, torch.Tensor]] = {}
+    done: set[int] = set()
+    order: list[Pair] = []
+    seen_in: set[str] = set()
+
+    def on_input(rname, args, kwargs):
+        if not record_inputs or rname in seen_in:
+            return
+        seen_in.add(rname)
+        for j, t in enumerate(_tensors(args, kwargs)):
+            spill.put(f"in:{rname}:{j}", t)
+
+    def on_output(rname, out):
+        if rname == pc.contract_module and not contract:
+            contract.append(first_tensor(out).detach().float().cpu())
+        for p, i in members[rname]:
+            parts = got.setdefault(id(p), {})
+            if id(p) in done or i in parts:
+                continue  # called again: the first call counts
+            parts[i] = first_tensor(out).detach().float().cpu()
+            if len(parts) == len(p.reference):
+                spill.put(f"out:{p.port}", _reference_output([parts[k] for k in range(len(p.reference))]))
+                del got[id(p)]
+                done.add(id(p))
+                order.append(p)
+                progress("reference pass", len(order), len(pairs) + 1)
+
+    from ..capture import hooks
+    with hooks(ref, list(members), side="reference", on_input=on_input, on_output=on_output):
+        out = pc.call_reference(ref, inputs, fmt)
+    spill.put(f"out:{MODEL}", contract[0] if pc.contract_module else pc.contract_output(out).detach().float().cpu())
+    return order
+
+
+@torch.no_grad()
+def port_pass(component, port, pairing, order: list[Pair], cpu_inputs: dict, spill: Spill, modes, progress):
+    """Run the port; compare each paired module's output as it completes (and re-run it on the
+    reference's input, for isolated mode). Returns the report rows in reference order and
+    {pair: why} for pairs the port never ran."""
+    by_port = {p.port: p for p in order}
+    calls: dict[str, tuple] = {}
+    results: dict[str, tuple] = {}
+    clock = LapClock()
+    state = {"replaying": False}
+    mods = dict(port.named_modules())
+
+    def on_input(name, args, kwargs):
+        if not state["replaying"] and name not in calls:
+            calls[name] = (args, kwargs)
+
+    def on_output(name, out):
+        if state["replaying"] or name in results:
+            return
+        p = by_port[name]
+        r = spill.get(f"out:{p.port}")
+        y = to_reference_layout(p, first_tensor(out), tuple(r.shape))
+        if y.numel() != r.numel():
+            # Same weights, different outputs: the port computes more or less inside the module (a
+            # norm applied to the pooled token only). The model's output row still compares the end.
+            results[name] = (None, None, tuple(r.shape), f"outputs of different sizes (port {list(y.shape)}, "
+                             f"reference {list(r.shape)}): not compared")
+            return
+        acc = _metrics(y, r) if ACCUMULATED in modes else None
+        iso, why = None, ""
+        if ISOLATED in modes:
+            args, kwargs = calls.get(name, ((), {}))
+            try:
+                state["replaying"] = True
+                iso = _replay(p, mods[name], args, kwargs, spill, r)
+            except Exception as e:  # the port module does not take the reference's input as given
+                why = f"isolated re-run failed: {type(e).__name__}: {str(e)[:120]}"
+            finally:
+                state["replaying"] = False
+        results[name] = (acc, iso, tuple(r.shape), why)
+        calls.pop(name, None)
+        progress("port pass" + (" (and isolated re-runs)" if ISOLATED in modes else ""), len(results), len(order) + 1)
+        clock.lap(name)
+
+    from ..capture import hooks
+    names = [p.port for p in order]
+    args = [cpu_inputs[n] for n in native_entry(component).inputs]
+    with hooks(port, names, side="port", on_input=on_input, on_output=on_output):
+        clock.restart()
+        out = port(*args)
+    y = first_tensor(out).detach().float().cpu()
+    r = spill.get(f"out:{MODEL}")
+    m = _metrics(y, r)
+    rows, not_run = [], {}
+    for p in order:
+        if p.port not in results:
+            not_run[f"port {p.port}"] = f"paired with {p.reference_name} but not called as a module"
+            continue
+        acc, iso, shape, why = results[p.port]
+        if acc is None and iso is None:
+            not_run[f"port {p.port}"] = why
+            continue
+        note = "; ".join(p.notes + ((why,) if why else ()))
+        rows.append((p.port, p.reference_name, p.kind, shape, acc, iso, clock.seconds.get(p.port), note))
+    whole = next((p for p in pairing.pairs if p.port == "" or "" in p.reference), None)
+    notes = "; ".join(whole.notes) if whole else ""
+    # The inputs of the whole model are the model inputs on both sides: its isolated error is its error.
+    rows.append((MODEL, MODEL, "model", tuple(r.shape), m if ACCUMULATED in modes else None,
+                 m if ISOLATED in modes else None, None, notes))
+    return rows, not_run
+
+
+def _replay(p: Pair, module, args, kwargs, spill: Spill, r: torch.Tensor):
+    """The port module on the reference's recorded inputs (module docstring)."""
+    ref_in = []
+    j = 0
+    while f"in:{p.reference[0]}:{j}" in spill:
+        ref_in.append(spill.get(f"in:{p.reference[0]}:{j}"))
+        j += 1
+    if not ref_in:
+        return None
+    main, extras = ref_in[0], ref_in[1:]
+    if p.tokens and main.dim() == 4:
+        main = main.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
+    used: set[int] = set()
+    first = [True]
+
+    def swap(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        if first[0]:
+            first[0] = False
+            return main.to(device=v.device, dtype=v.dtype) if v.is_floating_point() else v
+        if not v.is_floating_point():
+            return v
+        same = [(i, e) for i, e in enumerate(extras) if i not in used and tuple(e.shape) == tuple(v.shape)]
+        if not same:
+            return v
+        vf = v.detach().float().cpu()
+        i, e = min(same, key=lambda ie: float((ie[1] - vf).norm()))
+        used.add(i)
+        return e.to(device=v.device, dtype=v.dtype)
+
+    new_args = tuple(swap(a) for a in args)
+    new_kwargs = {k: swap(v) for k, v in kwargs.items()}
+    out = module(*new_args, **new_kwargs)
+    return _metrics(to_reference_layout(p, first_tensor(out), tuple(r.shape)), r)
