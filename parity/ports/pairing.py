@@ -219,11 +219,11 @@ def _atom_tensor(atom: str) -> str:
     return atom.partition("[")[0]
 
 
-def _module_sets(model: torch.nn.Module, atoms_of_param) -> tuple[dict[str, frozenset], dict[str, torch.nn.Module]]:
+def _module_sets(model: torch.nn.Module, names, atoms_of_param) -> tuple[dict[str, frozenset], dict[str, torch.nn.Module]]:
     """{module name: its atoms (recursively)}, for modules with at least one; and the modules."""
     mods = dict(model.named_modules())
     direct: dict[str, set] = {}
-    for pname, _ in model.named_parameters(remove_duplicate=False):
+    for pname in names:
         direct.setdefault(_parent(pname), set()).update(atoms_of_param(pname))
     sets: dict[str, set] = {}
     for owner, atoms in direct.items():
@@ -245,13 +245,21 @@ def _representative(names: list[str], mods) -> str:
     return max(callable_, key=lambda n: (_depth(n), names.index(n)))
 
 
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A model's weights by name: its state dict's floating (and int8) tensors. The state dict, not the
+    parameters: a port may keep weights in buffers (quantized ones) or in a packed form that its
+    state dict gives back plainly."""
+    return {k: v for k, v in model.state_dict().items()
+            if v.is_floating_point() or v.dtype in (torch.int8, torch.uint8)}
+
+
 def pair_modules(port: torch.nn.Module, reference: torch.nn.Module,
                  reference_tensors: Mapping[str, torch.Tensor] | None = None) -> Pairing:
     """Pair `port`'s modules with `reference`'s through their weights (module docstring)."""
     ref_tensors = dict(reference_tensors) if reference_tensors is not None else {
         n: p for n, p in reference.named_parameters()}
     index = _Index(ref_tensors)
-    port_params = dict(port.named_parameters(remove_duplicate=False))
+    port_params = weights_of(port)
     found: dict[str, list[Match]] = {}
     unmatched: dict[str, str] = {}
     for name, p in port_params.items():
@@ -270,8 +278,8 @@ def pair_modules(port: torch.nn.Module, reference: torch.nn.Module,
         if m.how == "slice":
             t, _, frac = m.atoms[0].partition("[")
             split[t] = int(frac.rstrip("]").split("/")[1])
-    ref_sets, ref_mods = _module_sets(reference, lambda n: _atoms_of_tensor(n, split) if n in ref_tensors else set())
-    port_sets, port_mods = _module_sets(port, lambda n: set(matches[n].atoms) if n in matches else set())
+    ref_sets, ref_mods = _module_sets(reference, ref_tensors, lambda n: _atoms_of_tensor(n, split))
+    port_sets, port_mods = _module_sets(port, port_params, lambda n: set(matches[n].atoms) if n in matches else set())
 
     ref_groups: dict[frozenset, list[str]] = {}
     for m, s in ref_sets.items():
