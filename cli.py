@@ -604,6 +604,9 @@ def _finish(result, json_path, junit, html, worst=10):
 
     result.write(json_path, junit, html)
     click.echo(summary_text(result.report, worst=worst))
+    spilled = result.report.inputs.get("spilled_bytes")
+    if spilled:
+        click.echo(f"spilled to disk: {_human_bytes(spilled)} (reference activations, deleted)")
     if result.unpaired:
         names = ", ".join(list(result.unpaired)[:4]) + (" ..." if len(result.unpaired) > 4 else "")
         click.echo(f"not observable ({len(result.unpaired)}): {names} (reasons in the JSON report)")
@@ -664,10 +667,12 @@ def _component_command(component):
                        "torch:package.module:FUNC or dump:FILE.h5 (docs/ports.md).")
     @click.option("--num-heads", type=click.IntRange(min=1), default=None,
                   help="UNet attention heads for the reference (and a diffusers port), as for convert.")
+    @click.option("--spill-dir", type=click.Path(file_okay=False), default=None,
+                  help="Where the reference's activations wait for the candidate (default: the system's temp dir).")
     @_input_options
     @_gate_options
-    def cmd(checkpoint, h5, mode, gate_dtype, port, num_heads, seed, prompt, batch, size, json_path, junit, html, tol,
-            tolerances, dtype, device):
+    def cmd(checkpoint, h5, mode, gate_dtype, port, num_heads, spill_dir, seed, prompt, batch, size, json_path, junit,
+            html, tol, tolerances, dtype, device):
         from .parity.harness import run_parity
 
         _check_report_paths(json=json_path, junit=junit, html=html)
@@ -676,7 +681,7 @@ def _component_command(component):
                 result = run_parity(component, checkpoint, h5=h5, modes=("accumulated", "isolated") if mode == "both"
                                     else (mode,), device=device, dtype=dtype, seed=seed, prompt=prompt, batch=batch,
                                     size=size, tolerance=_tolerance(gate_dtype or dtype, tol, tolerances),
-                                    progress=progress, port=port, num_heads=num_heads)
+                                    progress=progress, port=port, num_heads=num_heads, spill_dir=spill_dir)
             _finish(result, json_path, junit, html)
             return
         quantized = _layout_gate(h5, component)
@@ -687,7 +692,7 @@ def _component_command(component):
         with _stages(f"parity {component}") as progress:
             result = run_parity(component, checkpoint, h5=h5, modes=modes, device=device, dtype=dtype, seed=seed,
                                 prompt=prompt, batch=batch, size=size, tolerance=_tolerance(gate, tol, tolerances),
-                                progress=progress)
+                                progress=progress, num_heads=num_heads, spill_dir=spill_dir)
         _finish(result, json_path, junit, html)
 
     cmd.__doc__ = (f"Reference vs native {component}, layer by layer, from seeded inputs; exit 1 when a "

@@ -1,11 +1,13 @@
 """Per-layer parity: the reference (ldm / transformers / open_clip) against the native model, paired
 through the layer map of the mapping table, on inputs drawn from a seed.
 
-One run is two passes, so that only one activation is held at a time:
-1. the reference runs end to end with hooks. As each layer completes (execution order), its output
-   is spilled to a temporary activation dump (for accumulated mode) and, for isolated mode, the
-   native layer re-runs at once on the reference's recorded input and is compared with it;
-2. the native model runs end to end with hooks, each layer compared with the dump as it completes.
+One run is two stages, so that one model and one layer's activations are resident at a time:
+1. the reference stage: the reference runs end to end with hooks; as each layer completes (execution
+   order), its output is spilled to a temporary activation dump and, for isolated mode, its recorded
+   call (inputs) to a spill file; the reference is then freed;
+2. the candidate stage: the native model is loaded and runs end to end with hooks, each layer
+   compared with the dump as it completes (accumulated); then each layer re-runs on the reference's
+   recorded call and is compared again (isolated). The spill is deleted.
 
 `record` is pass 1 alone, written to a golden dump; `check` is pass 2 alone, against a golden dump
 (it imports no reference package).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import tempfile
@@ -24,10 +27,12 @@ import torch
 from ..models.components import NAMES
 from ..models.errors import cut
 from ..models import devices
-from ..models.load import load_model
+from ..models.load import load_model, read_config
+from ..models.storage import partial as partials
 from ..models.storage.layout import LayoutReader, file_sha256
 from . import golden
 from .capture import hooks, modules_by_name
+from .spill import Calls, Spill, check_room, estimate
 from .components import TEXT_ENCODER, Drawer, ParityError, cast_floats, entry
 from .reference.load import load_reference, parameters_on_meta  # noqa: F401 (parameters_on_meta: tests)
 from .layers import LayerSpec, first_tensor, layer_map, native_args, reference_output
@@ -113,13 +118,13 @@ def load_native(h5: str, component: str, device, dtype: torch.dtype):
     return model, model.config, fmt
 
 
-def ensure_h5(checkpoint: str, h5: str | None, workdir: str, components) -> str:
+def ensure_h5(checkpoint: str, h5: str | None, workdir: str, components, num_heads: int | None = None) -> str:
     """`h5` when given, else the checkpoint converted (dtype kept) into `workdir`."""
     if h5 is not None:
         return h5
     from ..convert.convert import convert
     out = os.path.join(workdir, Path(checkpoint).stem + ".h5")
-    convert(checkpoint, out, components=set(components), force=True)
+    convert(checkpoint, out, components=set(components), force=True, num_heads=num_heads)
     return out
 
 
@@ -245,7 +250,7 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
                dtype: str = "fp32", seed: int = 0, prompt: str | None = None, batch: int = 2,
                size: int | None = None, tolerance: Tolerance | None = None, patch_native=None,
                workdir: str | None = None, progress=None, port: str | None = None,
-               num_heads: int | None = None) -> ParityResult:
+               num_heads: int | None = None, spill_dir: str | None = None) -> ParityResult:
     """Reference vs native for one component, or vs a port (`port`: 'diffusers', 'torch:FILE.py:FUNC',
     'dump:FILE.h5'; parity/ports/). `patch_native(model)` may alter the native model before the run
     (tests plant faults that way); `progress(what, done, total)` as layers complete. `num_heads`
@@ -262,7 +267,7 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
         from .ports.run import run_port
         return run_port(component, checkpoint, spec, modes=modes, device=device, dtype=dtype, seed=seed,
                         prompt=prompt, batch=batch, size=size, tolerance=tolerance, num_heads=num_heads,
-                        workdir=workdir, progress=progress)
+                        workdir=workdir, spill_dir=spill_dir, progress=progress)
     pc = entry(component)
     modes = tuple(m for m in MODES if m in modes)
     if not modes:
@@ -271,65 +276,133 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
     deterministic()
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
-        work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-parity-"))
+        work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-parity-", dir=spill_dir))
         text = pc.takes_prompt_context and prompt is not None
-        h5 = ensure_h5(checkpoint, h5, work, [component] + ([TEXT_ENCODER] if text else []))
-        native, ncfg, fmt = load_native(h5, component, dev, ndtype)
-        if patch_native is not None:
-            patch_native(native)
-        ref, _, _ = load_reference(component, checkpoint, **pc.reference_plan_options(ncfg))
-        ref = ref.to(dev)
-        encode = text_encoder_fn(h5, dev) if text else None
+        h5 = ensure_h5(checkpoint, h5, work, [component] + ([TEXT_ENCODER] if text else []), num_heads)
+        ncfg, fmt = native_config(h5, component)
         cpu_inputs, desc = draw_inputs(component, ncfg, seed=seed, batch=batch, size=size, prompt=prompt,
-                                       encode_text=encode)
+                                       encode_text=text_encoder_fn(h5, dev) if text else None)
+        gc.collect()  # the text encoder that made the context
         inputs = to_device(cpu_inputs, dev)
         desc.update(checkpoint=os.path.basename(checkpoint), h5=os.path.basename(h5), source_format=fmt,
                     reference_dtype="fp32", native_dtype=dtype)
+        specs, _ = layer_map(component, ncfg, fmt)
+        check_room(work, _spill_estimate(component, ncfg, fmt, specs, cpu_inputs, modes), ParityError)
+        # One model resident at a time: the reference runs and spills, is freed, then the native model runs.
+        ref, _, _ = load_reference(component, checkpoint, **pc.reference_plan_options(ncfg))
+        recorded = stack.enter_context(reference_stage(component, ref.to(dev), ncfg, fmt, inputs, work, modes,
+                                                       progress))
+        del ref
+        gc.collect()
+        native, _, _ = load_native(h5, component, dev, ndtype)
+        if patch_native is not None:
+            patch_native(native)
+        return candidate_stage(component, native, recorded, inputs, dtype, dev, tol, desc, progress)
 
-        return compare_layers(component, ref, native, ncfg, fmt, inputs, dtype, dev, tol, desc, work, modes,
-                              progress=progress)
+
+def native_config(h5: str, component: str):
+    """(config, source format) of a layout's component, read without its weights."""
+    with LayoutReader(h5) as r:
+        if not r.has(component):
+            raise ParityError(f"{h5}: no /{component} group (the file holds: {', '.join(r.components()) or 'none'})")
+        return read_config(r, component), r.group_attrs(component).get("source_format", "compvis")
 
 
-def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs: dict, dtype: str, dev,
-                   tol: Tolerance, desc: dict, work: str, modes=MODES, progress=None) -> ParityResult:
-    """The per-layer comparison of two loaded models on the given (device-side) inputs: one reference
-    pass that records each layer (and re-runs the native layer on its input, for isolated mode), then
-    one native pass against the recorded activations, spilled to a temporary dump in `work`.
-    `progress(what, done, total)` is called as each layer of each pass completes."""
+def _spill_estimate(component, cfg, fmt, specs, cpu_inputs, modes) -> int:
+    """Bytes the reference stage will spill, from a pass of the weightless reference on the meta device
+    (0 where the reference does not run on meta: the report still gives the figure)."""
+    from .reference.load import _build_reference
+
+    pc = entry(component)
+    model = _build_reference(component, cfg, fmt)
+    for name in pc.other_half:
+        setattr(model, name, None)
+    meta = {k: v.to("meta") for k, v in cpu_inputs.items()}
+    outs = [r for sp in specs for r in sp.reference]
+    ins = [sp.reference[0] for sp in specs] if ISOLATED in modes else []
+    try:
+        return estimate(model, lambda m: pc.call_reference(m, meta, fmt), outs, ins)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return 0
+
+
+@dataclasses.dataclass
+class Recorded:
+    """What the reference stage leaves for the candidate: each layer's output (a temporary full dump)
+    and, for isolated mode, its recorded call; the layers in execution order, with their names,
+    kinds and shapes."""
+
+    component: str
+    modes: tuple
+    specs: dict
+    dump: str
+    calls: Calls | None
+    spill: Spill | None
+    order: list
+    names: dict
+    kinds: dict
+    shapes: dict
+    unpaired: dict
+    not_compared: dict
+    clock: LapClock
+    spilled_bytes: int = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.spill is not None:
+            self.spill.close()
+        partials.discard(self.dump)
+
+
+def reference_stage(component: str, ref, ncfg, source_format: str, inputs: dict, work: str, modes=MODES,
+                    progress=None) -> Recorded:
+    """The reference pass: each layer's output spilled to a temporary dump in `work` as it completes,
+    and for isolated mode its recorded call (inputs) to a spill file. Nothing of it stays in memory."""
     progress = progress or no_progress
-    ndtype = dtype_of(dtype)
     specs, not_compared = layer_map(component, ncfg, source_format)
-    order, names, kinds, shapes = [], {}, {}, {}
-    acc, iso = {}, {}
-    mods = modules_by_name(native, [s.native for s in specs], "native")
-    spill = None
-    if ACCUMULATED in modes:
-        fd, path = tempfile.mkstemp(suffix=".act.h5", dir=work)  # unique: a caller may compare several times
-        os.close(fd)
-        spill = golden.ActivationWriter(path, summaries=False)
-
-    clock = LapClock()  # each layer's wall time (its forward and comparisons) for the JUnit cases
+    fd, path = tempfile.mkstemp(suffix=".act.h5", dir=work)  # unique: a caller may compare several times
+    os.close(fd)
+    dump = golden.ActivationWriter(path, summaries=False)
+    spill = Spill(work) if ISOLATED in modes else None
+    calls = Calls(spill) if spill is not None else None
+    rec = Recorded(component, modes, {s.native: s for s in specs}, path, calls, spill, [], {}, {}, {}, {},
+                   not_compared, LapClock())
 
     def on_layer(spec, y, args, kwargs):
-        order.append(spec.native)
-        names[spec.native], kinds[spec.native] = spec.reference_name, spec.kind
-        shapes[spec.native] = tuple(y.shape)
-        if spill is not None:
-            spill.add(spec.native, spec.reference_name, spec.kind, y)
-        if ISOLATED in modes:
-            out = mods[spec.native](*cast_floats(native_args(component, spec, args, kwargs), ndtype))
-            iso[spec.native] = _safe_compare(first_tensor(out), y)
-        progress("reference pass" + (" (and isolated native layers)" if ISOLATED in modes else ""),
-                 len(order), len(specs))
-        clock.lap(spec.native)
+        rec.order.append(spec.native)
+        rec.names[spec.native], rec.kinds[spec.native] = spec.reference_name, spec.kind
+        rec.shapes[spec.native] = tuple(y.shape)
+        dump.add(spec.native, spec.reference_name, spec.kind, y)
+        if calls is not None:
+            calls.put(spec.native, args, kwargs)
+        progress("reference pass", len(rec.order), len(specs))
+        rec.clock.lap(spec.native)
 
     try:
-        unpaired = reference_pass(component, ref, specs, inputs, source_format, on_layer)
-    finally:
+        rec.unpaired = reference_pass(component, ref, specs, inputs, source_format, on_layer)
+    except BaseException:
+        dump.abort()
         if spill is not None:
             spill.close()
-    if spill is not None:
-        with golden.ActivationReader(spill.path) as dump:
+        raise
+    dump.close()
+    rec.spilled_bytes = os.path.getsize(path) + (spill.bytes if spill is not None else 0)
+    return rec
+
+
+def candidate_stage(component: str, native, rec: Recorded, inputs: dict, dtype: str, dev, tol: Tolerance,
+                    desc: dict, progress=None) -> ParityResult:
+    """The native model against what the reference stage recorded: one native pass compared layer by
+    layer (accumulated), then each layer re-run on the reference's recorded call (isolated)."""
+    progress = progress or no_progress
+    ndtype = dtype_of(dtype)
+    modes, order, unpaired, clock = rec.modes, rec.order, dict(rec.unpaired), rec.clock
+    acc, iso = {}, {}
+    with golden.ActivationReader(rec.dump) as dump:
+        fired: set[str] = set()
+        if ACCUMULATED in modes:
             def on_native(name, out):
                 e = dump.by_name.get(name)
                 if e is not None:
@@ -338,14 +411,46 @@ def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs
                 clock.lap(name)
             clock.restart()
             fired = native_pass(component, native, order, inputs, ndtype, on_native)
-        os.remove(spill.path)
+        if ISOLATED in modes:
+            mods = modules_by_name(native, order, "native")
+            clock.restart()
+            with torch.no_grad():
+                for i, n in enumerate(order):
+                    args, kwargs = rec.calls.get(n)
+                    x = cast_floats(native_args(component, rec.specs[n], to_device_call(args, dev),
+                                                to_device_call(kwargs, dev)), ndtype)
+                    iso[n] = _safe_compare(first_tensor(mods[n](*x)), dump.full(dump.by_name[n]))
+                    progress("isolated native layers", i + 1, len(order))
+                    clock.lap(n)
+    if ACCUMULATED in modes:
         for n in order:
             if n not in fired:
                 unpaired[n] = ("native module is not called as a module: no accumulated metrics"
                                + (" (isolated: re-run on the reference's input)" if n in iso else ""))
-    report = Report(component, tuple(modes), dtype, device_name(dev), tol, desc,
-                    collect_versions(), _layer_records(order, names, kinds, shapes, acc, iso, tol, clock.seconds))
-    return ParityResult(report, unpaired, not_compared)
+    desc = dict(desc, spilled_bytes=rec.spilled_bytes)
+    report = Report(component, tuple(modes), dtype, device_name(dev), tol, desc, collect_versions(),
+                    _layer_records(order, rec.names, rec.kinds, rec.shapes, acc, iso, tol, clock.seconds))
+    return ParityResult(report, unpaired, rec.not_compared)
+
+
+def to_device_call(v, dev):
+    """A recorded call's tensors (in tuples, lists and dicts) on `dev`."""
+    if isinstance(v, torch.Tensor):
+        return v.to(dev)
+    if isinstance(v, (list, tuple)):
+        return type(v)(to_device_call(x, dev) for x in v)
+    if isinstance(v, dict):
+        return {k: to_device_call(x, dev) for k, x in v.items()}
+    return v
+
+
+def compare_layers(component: str, ref, native, ncfg, source_format: str, inputs: dict, dtype: str, dev,
+                   tol: Tolerance, desc: dict, work: str, modes=MODES, progress=None) -> ParityResult:
+    """The per-layer comparison of two loaded models on the given (device-side) inputs: the reference
+    stage, then the candidate stage (both spill to `work`). `progress(what, done, total)` is called
+    as each layer of each pass completes."""
+    with reference_stage(component, ref, ncfg, source_format, inputs, work, modes, progress) as rec:
+        return candidate_stage(component, native, rec, inputs, dtype, dev, tol, desc, progress)
 
 
 def record(component: str, checkpoint: str, out: str, *, stats_only: bool = False, device: str = "cpu",

@@ -29,7 +29,7 @@ from ..components import TEXT_ENCODER, ParityError, entry
 from ..layers import first_tensor
 from ..metrics import METRICS, compare, default_tolerance
 from ..report import ACCUMULATED, ISOLATED, MODES, LapClock, Report, collect_versions, make_layer
-from ..spill import Spill
+from ..spill import Calls, Spill, check_room, estimate
 from . import PortSpec, load_port
 from .pairing import Pair, coverage_line, pair_modules
 
@@ -82,7 +82,11 @@ def reference_text_context(checkpoint: str, ids: torch.Tensor, device) -> torch.
 def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, device: str = "cpu",
              dtype: str = "fp32", seed: int = 0, prompt: str | None = None, batch: int = 2,
              size: int | None = None, tolerance=None, num_heads: int | None = None,
-             workdir: str | None = None, progress=None):
+             workdir: str | None = None, spill_dir: str | None = None, progress=None):
+    """The port against the reference. One model is resident at a time: the reference runs first and
+    spills every layer with weights (output, and recorded inputs for isolated mode) to disk, and is
+    freed; then the port is loaded, paired with the reference from the checkpoint's tensors (read one
+    at a time) and a weightless copy of the reference's structure, and run against the spill."""
     from .. import harness
     from ..reference.load import load_reference
 
@@ -93,25 +97,29 @@ def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, de
     harness.deterministic()
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
-        work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-port-"))
-        ref, cfg, fmt = load_reference(component, checkpoint, num_heads=num_heads)
-        ref = ref.to(dev)
-        port = load_port(spec, checkpoint, component, num_heads=num_heads, dtype=pdtype, device=dev)
-        pairing = pair_modules(port, ref)
+        work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-port-", dir=spill_dir))
+        cfg, fmt, structure = reference_structure(component, checkpoint, num_heads)
         encode = None
         if pc.takes_prompt_context and prompt is not None:
             encode = lambda ids: reference_text_context(checkpoint, ids, dev)  # noqa: E731
         cpu_inputs, desc = harness.draw_inputs(component, cfg, seed=seed, batch=batch, size=size, prompt=prompt,
                                                encode_text=encode)
+        names = layers_with_weights(structure)
+        need = estimate_spill(component, structure, cpu_inputs, fmt, names, ISOLATED in modes)
+        check_room(work, need, ParityError)
+        spill = stack.enter_context(Spill(work))
+        ref, _, _ = load_reference(component, checkpoint, num_heads=num_heads)
+        reference_pass(component, ref.to(dev), names, harness.to_device(cpu_inputs, dev), fmt, spill,
+                       record_inputs=ISOLATED in modes, progress=progress)
+        del ref
+        gc.collect()
+        port = load_port(spec, checkpoint, component, num_heads=num_heads, dtype=pdtype, device=dev)
+        with CheckpointTensors(component, checkpoint, num_heads) as tensors:
+            pairing = pair_modules(port, structure, tensors)
         desc.update(checkpoint=os.path.basename(checkpoint), port=spec.label, source_format=fmt,
                     reference_dtype="fp32", pairing=coverage_line(pairing.coverage),
                     pairing_counts=pairing.coverage)
-        spill = stack.enter_context(Spill(work))
-        order = reference_pass(component, ref, pairing, harness.to_device(cpu_inputs, dev), fmt, spill,
-                               record_inputs=ISOLATED in modes, progress=progress)
-        del ref
-        gc.collect()
-        rows, not_run = port_pass(component, port, pairing, order, cpu_inputs, spill, modes, progress)
+        rows, not_run = port_pass(component, port, pairing, spill, cpu_inputs, modes, progress)
         desc["spilled_bytes"] = spill.bytes
     layers = tuple(make_layer(i, name, refname, kind, shape, tol, accumulated=acc,
                               isolated=iso, seconds=sec, note=note)
@@ -124,61 +132,130 @@ def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, de
     return harness.ParityResult(report, unpaired, dict(pairing.unmatched))
 
 
+def reference_structure(component: str, checkpoint: str, num_heads: int | None):
+    """(config, source format, the reference model with its parameters on the meta device): names,
+    classes and shapes, no weights."""
+    from ...convert.checkpoint import open_checkpoint
+    from ...convert.detect import plan
+    from ..reference.load import _build_reference
+
+    with open_checkpoint(checkpoint) as ckpt:
+        p = plan(ckpt, components={component}, num_heads=num_heads)
+    if component not in p.components:
+        raise ParityError(f"{checkpoint}: no {component} component in this checkpoint "
+                          f"(it holds: {', '.join(p.components) or 'none'})")
+    cp = p.components[component]
+    model = _build_reference(component, cp.config, cp.source_format)
+    for name in entry(component).other_half:
+        setattr(model, name, None)
+    return cp.config, cp.source_format, model.eval()
+
+
+class CheckpointTensors:
+    """{reference parameter name: fp32 tensor}, each read from the checkpoint when asked for (and not
+    kept): the weights the pairing compares with, without a second resident copy of the reference."""
+
+    def __init__(self, component: str, checkpoint: str, num_heads: int | None):
+        from ...convert.checkpoint import open_checkpoint
+        from ...convert.detect import plan
+
+        self.ckpt = open_checkpoint(checkpoint)
+        cp = plan(self.ckpt, components={component}, num_heads=num_heads).components[component]
+        self.key_of = {s: cp.key_of[s] for r in cp.rows for s in r.sources}
+
+    def keys(self):
+        return self.key_of.keys()
+
+    def __iter__(self):
+        return iter(self.key_of)
+
+    def __len__(self):
+        return len(self.key_of)
+
+    def __contains__(self, name):
+        return name in self.key_of
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.ckpt.tensor(self.key_of[name]).float()
+
+    def items(self):
+        return ((k, self[k]) for k in self.key_of)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.ckpt.close()
+
+
+def layers_with_weights(structure: torch.nn.Module) -> list[str]:
+    """Every module of the reference that holds weights (itself or below), the whole model excepted:
+    the candidates a port's modules may pair with."""
+    return [n for n, m in structure.named_modules() if n and next(m.parameters(), None) is not None]
+
+
+def estimate_spill(component, structure, cpu_inputs, fmt, names, record_inputs: bool) -> int:
+    pc = entry(component)
+    meta = {k: v.to("meta") for k, v in cpu_inputs.items()}
+    outs = list(names) + ([pc.contract_module] if pc.contract_module else [])
+    try:
+        return estimate(structure, lambda m: pc.call_reference(m, meta, fmt), outs,
+                        names if record_inputs else ())
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return 0  # a model that does not run on meta: no figure up front (the report still says how much)
+
+
 def _hooked(pairing) -> list[Pair]:
     """The pairs observed through hooks (the whole model is compared through the calls' results)."""
     return [p for p in pairing.pairs if p.port != "" and "" not in p.reference]
 
 
 @torch.no_grad()
-def reference_pass(component, ref, pairing, inputs, fmt, spill: Spill, *, record_inputs: bool, progress):
-    """Run the reference, spilling each paired layer's output (and inputs); returns the pairs in the
-    order their reference layers completed, the whole model last."""
+def reference_pass(component, ref, names: list[str], inputs, fmt, spill: Spill, *, record_inputs: bool, progress):
+    """Run the reference, spilling the output (and, for isolated mode, the call) of each module in
+    `names` as it completes; `spill.order` is their completion order. The whole model's output goes
+    in as MODEL."""
     pc = entry(component)
-    pairs = _hooked(pairing)
-    members: dict[str, list[tuple[Pair, int]]] = {pc.contract_module: []} if pc.contract_module else {}
-    contract: list[torch.Tensor] = []
-    for p in pairs:
-        for i, r in enumerate(p.reference):
-            members.setdefault(r, []).append((p, i))
-    got: dict[int, dict[int, torch.Tensor]] = {}
-    done: set[int] = set()
-    order: list[Pair] = []
-    seen_in: set[str] = set()
+    hooked = list(names) + ([pc.contract_module] if pc.contract_module and pc.contract_module not in names else [])
+    calls = Calls(spill)
+    spill.order = []
 
-    def on_input(rname, args, kwargs):
-        if not record_inputs or rname in seen_in:
-            return
-        seen_in.add(rname)
-        for j, t in enumerate(_tensors(args, kwargs)):
-            spill.put(f"in:{rname}:{j}", t)
+    def on_input(name, args, kwargs):
+        if record_inputs and f"in:{name}" not in calls:
+            calls.put(f"in:{name}", args, kwargs)
 
-    def on_output(rname, out):
-        if rname == pc.contract_module and not contract:
-            contract.append(first_tensor(out).detach().float().cpu())
-        for p, i in members[rname]:
-            parts = got.setdefault(id(p), {})
-            if id(p) in done or i in parts:
-                continue  # called again: the first call counts
-            parts[i] = first_tensor(out).detach().float().cpu()
-            if len(parts) == len(p.reference):
-                spill.put(f"out:{p.port}", _reference_output([parts[k] for k in range(len(p.reference))]))
-                del got[id(p)]
-                done.add(id(p))
-                order.append(p)
-                progress("reference pass", len(order), len(pairs) + 1)
+    def on_output(name, out):
+        key = f"out:{name}"
+        if key in spill:
+            return  # called again: the first call counts
+        spill.put(key, first_tensor(out))
+        spill.order.append(name)
+        progress("reference pass", len(spill.order), len(hooked))
 
     from ..capture import hooks
-    with hooks(ref, list(members), side="reference", on_input=on_input, on_output=on_output):
+    with hooks(ref, hooked, side="reference", on_input=on_input, on_output=on_output):
         out = pc.call_reference(ref, inputs, fmt)
-    spill.put(f"out:{MODEL}", contract[0] if pc.contract_module else pc.contract_output(out).detach().float().cpu())
-    return order
+    whole = spill.get(f"out:{pc.contract_module}") if pc.contract_module else pc.contract_output(out)
+    spill.put(f"out:{MODEL}", whole)
+    spill.calls = calls
+
+
+def _in_reference_order(pairing, spill: Spill) -> list[Pair]:
+    """The observed pairs, in the order their reference layers completed (a fused pair when its last
+    part did); pairs whose reference layers never ran are left out."""
+    at = {n: i for i, n in enumerate(spill.order)}
+    pairs = [p for p in _hooked(pairing) if all(r in at for r in p.reference)]
+    return sorted(pairs, key=lambda p: max(at[r] for r in p.reference))
 
 
 @torch.no_grad()
-def port_pass(component, port, pairing, order: list[Pair], cpu_inputs: dict, spill: Spill, modes, progress):
+def port_pass(component, port, pairing, spill: Spill, cpu_inputs: dict, modes, progress):
     """Run the port; compare each paired module's output as it completes (and re-run it on the
     reference's input, for isolated mode). Returns the report rows in reference order and
     {pair: why} for pairs the port never ran."""
+    order = _in_reference_order(pairing, spill)
+    not_run = {f"port {p.port}": f"paired with {p.reference_name}, whose reference module did not run"
+               for p in _hooked(pairing) if p not in order}
     by_port = {p.port: p for p in order}
     calls: dict[str, tuple] = {}
     results: dict[str, tuple] = {}
@@ -187,20 +264,21 @@ def port_pass(component, port, pairing, order: list[Pair], cpu_inputs: dict, spi
     mods = dict(port.named_modules())
 
     def on_input(name, args, kwargs):
-        if not state["replaying"] and name not in calls:
+        if not state["replaying"] and name not in calls and name not in results:
             calls[name] = (args, kwargs)
 
     def on_output(name, out):
         if state["replaying"] or name in results:
             return
         p = by_port[name]
-        r = spill.get(f"out:{p.port}")
+        r = _reference_output([spill.get(f"out:{m}") for m in p.reference])
         y = to_reference_layout(p, first_tensor(out), tuple(r.shape))
         if y.numel() != r.numel():
             # Same weights, different outputs: the port computes more or less inside the module (a
             # norm applied to the pooled token only). The model's output row still compares the end.
             results[name] = (None, None, tuple(r.shape), f"outputs of different sizes (port {list(y.shape)}, "
                              f"reference {list(r.shape)}): not compared")
+            calls.pop(name, None)
             return
         acc = _metrics(y, r) if ACCUMULATED in modes else None
         iso, why = None, ""
@@ -219,15 +297,14 @@ def port_pass(component, port, pairing, order: list[Pair], cpu_inputs: dict, spi
         clock.lap(name)
 
     from ..capture import hooks
-    names = [p.port for p in order]
     args = [cpu_inputs[n] for n in native_entry(component).inputs]
-    with hooks(port, names, side="port", on_input=on_input, on_output=on_output):
+    with hooks(port, list(by_port), side="port", on_input=on_input, on_output=on_output):
         clock.restart()
         out = port(*args)
     y = first_tensor(out).detach().float().cpu()
     r = spill.get(f"out:{MODEL}")
     m = _metrics(y, r)
-    rows, not_run = [], {}
+    rows = []
     for p in order:
         if p.port not in results:
             not_run[f"port {p.port}"] = f"paired with {p.reference_name} but not called as a module"
@@ -248,11 +325,10 @@ def port_pass(component, port, pairing, order: list[Pair], cpu_inputs: dict, spi
 
 def _replay(p: Pair, module, args, kwargs, spill: Spill, r: torch.Tensor):
     """The port module on the reference's recorded inputs (module docstring)."""
-    ref_in = []
-    j = 0
-    while f"in:{p.reference[0]}:{j}" in spill:
-        ref_in.append(spill.get(f"in:{p.reference[0]}:{j}"))
-        j += 1
+    call = spill.calls.get(f"in:{p.reference[0]}")
+    if call is None:
+        return None
+    ref_in = _tensors(*call)
     if not ref_in:
         return None
     main, extras = ref_in[0], ref_in[1:]
@@ -273,7 +349,7 @@ def _replay(p: Pair, module, args, kwargs, spill: Spill, r: torch.Tensor):
         if not same:
             return v
         vf = v.detach().float().cpu()
-        i, e = min(same, key=lambda ie: float((ie[1] - vf).norm()))
+        i, e = min(same, key=lambda ie: float((ie[1].float() - vf).norm()))
         used.add(i)
         return e.to(device=v.device, dtype=v.dtype)
 

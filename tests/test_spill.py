@@ -1,0 +1,135 @@
+"""Parity within one model's memory: the reference runs first and spills to disk, is freed, and only
+then is the candidate (native model or port) loaded; the spill's size is checked against the free
+space before the run, reported after it, and deleted."""
+from __future__ import annotations
+
+import collections
+import gc
+import os
+import weakref
+
+import pytest
+import torch
+
+from sdport.parity import harness, spill
+from sdport.parity.reference import load as reference_load
+
+from conftest import run_cli
+
+
+def _live_parameters() -> int:
+    """Elements in every torch Parameter alive in the process."""
+    gc.collect()
+    return sum(o.numel() for o in gc.get_objects() if isinstance(o, torch.nn.Parameter) and not o.is_meta)
+
+
+class Residency:
+    """Wraps the loaders: records a weak reference to every reference model built, and at each
+    candidate load whether a reference model is still alive."""
+
+    def __init__(self, monkeypatch, module, candidate_loader: str):
+        self.refs: list[weakref.ref] = []
+        self.alive_at_candidate: list[bool] = []
+        real_ref = reference_load.load_reference
+
+        def load_reference(*a, **k):
+            out = real_ref(*a, **k)
+            self.refs.append(weakref.ref(out[0]))
+            return out
+
+        real_candidate = getattr(module, candidate_loader)
+
+        def load_candidate(*a, **k):
+            self.alive_at_candidate.append(any(r() is not None for r in self.refs))
+            return real_candidate(*a, **k)
+
+        monkeypatch.setattr(reference_load, "load_reference", load_reference)
+        monkeypatch.setattr(harness, "load_reference", load_reference)
+        monkeypatch.setattr(module, candidate_loader, load_candidate)
+
+
+def test_native_parity_never_holds_both_models(variants, monkeypatch):
+    r = Residency(monkeypatch, harness, "load_native")
+    result = harness.run_parity("unet", variants["lightning"], batch=1)
+    assert result.report.passed
+    assert r.refs and r.alive_at_candidate == [False]
+    assert result.report.inputs["spilled_bytes"] > 0
+
+
+def test_port_parity_never_holds_both_models(variants, monkeypatch):
+    from sdport.parity.ports import run
+
+    r = Residency(monkeypatch, run, "load_port")
+    result = harness.run_parity("decoder", variants["lightning"], batch=1, port="diffusers")
+    assert result.report.passed
+    assert r.refs and r.alive_at_candidate == [False]
+
+
+def test_live_parameters_at_candidate_load_are_one_models(variants, monkeypatch):
+    """Counted, not only referenced: when the native model is loaded, no parameter of the reference
+    is alive (the count is the text encoder's and the fixtures' at most, not a second UNet)."""
+    counts = collections.OrderedDict()
+    real_native, real_ref = harness.load_native, reference_load.load_reference
+
+    def load_reference(*a, **k):
+        out = real_ref(*a, **k)
+        counts["reference"] = sum(p.numel() for p in out[0].parameters())
+        return out
+
+    def load_native(*a, **k):
+        counts["live before the candidate"] = _live_parameters()
+        return real_native(*a, **k)
+
+    monkeypatch.setattr(harness, "load_reference", load_reference)
+    monkeypatch.setattr(harness, "load_native", load_native)
+    base = _live_parameters()
+    harness.run_parity("unet", variants["lightning"], batch=1)
+    assert counts["live before the candidate"] - base < counts["reference"]
+
+
+def test_reports_are_deleted_and_spill_directory_is_used(variants, tmp_path):
+    d = tmp_path / "spill"
+    d.mkdir()
+    code, out, err = run_cli("parity", "decoder", variants["lightning"], "--spill-dir", d, "--batch", "1")
+    assert code == 0, err
+    assert "spilled to disk:" in out
+    assert os.listdir(d) == []  # the spill (and the on-the-fly conversion) are gone
+
+
+def test_not_enough_room_is_refused_up_front(variants, converted, tmp_path, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    code, out, err = run_cli("parity", "unet", variants["lightning"], "--h5", converted["lightning"],
+                             "--spill-dir", tmp_path, "--batch", "1")
+    assert code == 2 and "spills about" in err and "1.0 KiB is free" in err and "--spill-dir" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_estimate_matches_what_is_spilled(variants):
+    """The up-front figure (a pass on the meta device) is the size the reference stage writes."""
+    r = harness.run_parity("encoder", variants["lightning"], batch=1, modes=("accumulated",))
+    from sdport.convert.checkpoint import open_checkpoint
+    from sdport.convert.detect import plan
+    from sdport.parity.layers import layer_map
+
+    with open_checkpoint(variants["lightning"]) as c:
+        cp = plan(c, components={"encoder"}).components["encoder"]
+    specs, _ = layer_map("encoder", cp.config, cp.source_format)
+    inputs, _ = harness.draw_inputs("encoder", cp.config, batch=1)
+    need = harness._spill_estimate("encoder", cp.config, cp.source_format, specs, inputs, ("accumulated",))
+    spilled = r.report.inputs["spilled_bytes"]
+    assert need > 0 and 0.9 * spilled <= need <= spilled  # the dump adds its HDF5 metadata
+
+
+def test_calls_round_trip_exactly(tmp_path):
+    with spill.Spill(str(tmp_path)) as s:
+        calls = spill.Calls(s)
+        x, t = torch.randn(2, 3), torch.tensor([1, 2])
+        calls.put("a", (x, None, [t, 3]), {"context": x * 2, "flag": True})
+        args, kwargs = calls.get("a")
+        assert torch.equal(args[0], x) and args[1] is None and torch.equal(args[2][0], t) and args[2][1] == 3
+        assert args[2][0].dtype == torch.int64 and torch.equal(kwargs["context"], x * 2) and kwargs["flag"] is True
+        path = s.path
+    assert not os.path.exists(path)
