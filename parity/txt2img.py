@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import io
 import os
 import tempfile
@@ -37,8 +38,8 @@ from ..models.storage.layout import MAX_SCHEDULE
 from ..models.vae import LATENT_SCALE_SD_V1
 from ..models.samplers import cfg_denoiser, ddim_timesteps, sample_ddim, sample_plms
 from ..models.tokenizer import default_tokenizer
-from .harness import (ParityError, ParityResult, compare_layers, default_size, deterministic, device_name,
-                      dtype_of, ensure_h5, load_reference, no_progress, resolve_device, to_device)
+from .harness import (ParityError, ParityResult, candidate_stage, default_size, deterministic, device_name,
+                      dtype_of, ensure_h5, load_reference, no_progress, reference_stage, resolve_device, to_device)
 from .metrics import IMAGE_PSNR_DB, Tolerance, check, compare, default_tolerance, dtype_key
 from .report import collect_versions, worst_key
 
@@ -439,22 +440,33 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         ucfg = models.config("unet")
         fmt = models.reader.group_attrs("unet").get("source_format", "compvis")
 
+        # The reference pipeline runs first and is freed before any native model is loaded: its per-step
+        # latents and eps stay in memory (one latent each), the chosen steps' UNet layers go to disk.
         ref = ReferencePipeline(checkpoint, device=dev, num_heads=ucfg.num_heads)
         notes = list(models.notes) + ([ref.note] if ref.note else [])
         tok = default_tokenizer()
         ids = torch.tensor([tok(negative), tok(prompt)], dtype=torch.long)  # [2, 77], uncond first
         ref_uc, ref_c = ref.encode_ids(ids).float().chunk(2)
-        nat_c, nat_uc = P.conditioning(models, req)
-        conditioning = {"cond": compare(nat_c, ref_c)}
-        if nat_uc is not None:
-            conditioning["uncond"] = compare(nat_uc, ref_uc)
-        else:
-            ref_uc = None  # scale 1: no unconditional branch, as in ldm and the native pipeline
-
+        if req.scale == 1.0:
+            ref_uc = None  # no unconditional branch, as in ldm and the native pipeline (P.conditioning)
         gen = torch.Generator().manual_seed(seed)
         x_T = torch.randn((1, ucfg.out_channels, h, w), generator=gen, dtype=torch.float32)  # as the pipeline
         run = run_reference(ref, sampler, steps, x_T, ref_c, ref_uc, scale, eta, gen, set(chosen), spacing,
                             on_step=lambda done: progress("reference sampler", done, n, "step"))
+        ref_image = ref.decode(run.latents[-1])
+        recorded = {}
+        for s in chosen:
+            recorded[s] = stack.enter_context(reference_stage(
+                "unet", ref.unet, ucfg, fmt, to_device(run.unet_inputs[s], dev), work,
+                progress=lambda what, done, total, unit="layer", s=s: progress(f"step {s} {what}", done, total, unit)))
+        del ref
+        gc.collect()
+
+        nat_c, nat_uc = P.conditioning(models, req)
+        conditioning = {"cond": compare(nat_c, ref_c)}
+        if nat_uc is not None:
+            conditioning["uncond"] = compare(nat_uc, ref_uc)
+
         free = []
         for x in P.txt2img(models, req):
             free.append(x.float().cpu())
@@ -473,7 +485,6 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                                 TEACHER: tf, "failures": check(tf, tol)[1]})
                 progress("teacher-forced steps", i + 1, n, "step")
 
-            ref_image = ref.decode(run.latents[-1])
             native_image = P.decode(models, free[-1])
             image = compare(native_image, ref_image)
             image["reference_std"] = float(ref_image.std())
@@ -489,10 +500,9 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                                   "it batched them (uncond half first)" + ("" if ref_uc is not None else
                                                                           " (scale 1: one half)"),
                         "shapes": {k: list(v.shape) for k, v in inp.items()}}
-                layers[s] = compare_layers("unet", ref.unet, unet, ucfg, fmt, to_device(inp, dev), dtype,
-                                           dev, layer_tol, desc, work,
-                                           progress=lambda what, done, total, unit="layer", s=s:
-                                           progress(f"step {s} {what}", done, total, unit))
+                layers[s] = candidate_stage("unet", unet, recorded[s], to_device(inp, dev), dtype, dev, layer_tol, desc,
+                                            progress=lambda what, done, total, unit="layer", s=s:
+                                            progress(f"step {s} {what}", done, total, unit))
 
         inputs = {"checkpoint": os.path.basename(checkpoint), "h5": os.path.basename(h5), "prompt": prompt,
                   "negative": negative, "seed": seed,

@@ -133,3 +133,26 @@ def test_calls_round_trip_exactly(tmp_path):
         assert args[2][0].dtype == torch.int64 and torch.equal(kwargs["context"], x * 2) and kwargs["flag"] is True
         path = s.path
     assert not os.path.exists(path)
+
+
+def test_txt2img_parity_never_holds_both_pipelines(variants, monkeypatch):
+    from sdport.models import pipeline
+    from sdport.parity import txt2img
+
+    refs, alive = [], []
+    real_ref, real_load = txt2img.load_reference, pipeline.load_model
+
+    def load_reference(*a, **k):
+        out = real_ref(*a, **k)
+        refs.append(weakref.ref(out[0]))
+        return out
+
+    def load_model(*a, **k):
+        alive.append(any(r() is not None for r in refs))
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(txt2img, "load_reference", load_reference)
+    monkeypatch.setattr(pipeline, "load_model", load_model)
+    r = txt2img.run_txt2img(variants["lightning"], prompt="a cube", steps=2, height=64, width=64, layer_steps=[1])
+    assert len(refs) == 3 and alive and not any(alive)  # UNet, text encoder and decoder: all freed first
+    assert r.layers[1].report.layers
