@@ -347,11 +347,13 @@ def _resolve(found: dict[str, list[Match]]) -> dict[str, Match]:
 
 
 def _tokens(port_name: str, ref_name: str, port_mods, ref_mods, matches) -> bool:
-    """The port layer is a linear on tokens where the reference layer is a 1x1 convolution."""
+    """The port layer is a linear on tokens where the reference layer is a 1x1 convolution: its
+    weight matched the convolution's in another shape ([out, in] for [out, in, 1, 1])."""
     w = matches.get(_join(port_name, "weight"))
     r = ref_mods[ref_name]
-    return (w is not None and isinstance(r, torch.nn.Conv2d) and not isinstance(port_mods[port_name], torch.nn.Conv2d)
-            and (w.how == "reshape" or (w.how == "nearest" and w.parts == ("nearest",))))
+    one_by_one = isinstance(r, torch.nn.Conv2d) and tuple(r.kernel_size) == (1, 1)
+    return (w is not None and one_by_one and not isinstance(port_mods[port_name], torch.nn.Conv2d)
+            and w.how in ("reshape", "nearest"))
 
 
 def _notes(p: Pair, pairs: list[Pair], matches, port_mods, ref_mods) -> tuple[str, ...]:

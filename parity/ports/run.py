@@ -109,8 +109,8 @@ def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, de
         check_room(work, need, ParityError)
         spill = stack.enter_context(Spill(work))
         ref, _, _ = load_reference(component, checkpoint, num_heads=num_heads)
-        reference_pass(component, ref.to(dev), names, harness.to_device(cpu_inputs, dev), fmt, spill,
-                       record_inputs=ISOLATED in modes, progress=progress)
+        order, calls = reference_pass(component, ref.to(dev), names, harness.to_device(cpu_inputs, dev), fmt, spill,
+                                      record_inputs=ISOLATED in modes, progress=progress)
         del ref
         gc.collect()
         port = load_port(spec, checkpoint, component, num_heads=num_heads, dtype=pdtype, device=dev)
@@ -119,7 +119,7 @@ def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, de
         desc.update(checkpoint=os.path.basename(checkpoint), port=spec.label, source_format=fmt,
                     reference_dtype="fp32", pairing=coverage_line(pairing.coverage),
                     pairing_counts=pairing.coverage)
-        rows, not_run = port_pass(component, port, pairing, spill, cpu_inputs, modes, progress)
+        rows, not_run = port_pass(component, port, pairing, spill, order, calls, cpu_inputs, modes, progress)
         desc["spilled_bytes"] = spill.bytes
     layers = tuple(make_layer(i, name, refname, kind, shape, tol, accumulated=acc,
                               isolated=iso, seconds=sec, note=note)
@@ -213,12 +213,12 @@ def _hooked(pairing) -> list[Pair]:
 @torch.no_grad()
 def reference_pass(component, ref, names: list[str], inputs, fmt, spill: Spill, *, record_inputs: bool, progress):
     """Run the reference, spilling the output (and, for isolated mode, the call) of each module in
-    `names` as it completes; `spill.order` is their completion order. The whole model's output goes
-    in as MODEL."""
+    `names` as it completes. Returns (the modules in completion order, their recorded calls). The
+    whole model's output goes in as MODEL."""
     pc = entry(component)
     hooked = list(names) + ([pc.contract_module] if pc.contract_module and pc.contract_module not in names else [])
     calls = Calls(spill)
-    spill.order = []
+    order: list[str] = []
 
     def on_input(name, args, kwargs):
         if record_inputs and f"in:{name}" not in calls:
@@ -229,31 +229,32 @@ def reference_pass(component, ref, names: list[str], inputs, fmt, spill: Spill, 
         if key in spill:
             return  # called again: the first call counts
         spill.put(key, first_tensor(out))
-        spill.order.append(name)
-        progress("reference pass", len(spill.order), len(hooked))
+        order.append(name)
+        progress("reference pass", len(order), len(hooked))
 
     from ..capture import hooks
     with hooks(ref, hooked, side="reference", on_input=on_input, on_output=on_output):
         out = pc.call_reference(ref, inputs, fmt)
     whole = spill.get(f"out:{pc.contract_module}") if pc.contract_module else pc.contract_output(out)
     spill.put(f"out:{MODEL}", whole)
-    spill.calls = calls
+    return order, calls
 
 
-def _in_reference_order(pairing, spill: Spill) -> list[Pair]:
+def _in_reference_order(pairing, ref_order: list[str]) -> list[Pair]:
     """The observed pairs, in the order their reference layers completed (a fused pair when its last
     part did); pairs whose reference layers never ran are left out."""
-    at = {n: i for i, n in enumerate(spill.order)}
+    at = {n: i for i, n in enumerate(ref_order)}
     pairs = [p for p in _hooked(pairing) if all(r in at for r in p.reference)]
     return sorted(pairs, key=lambda p: max(at[r] for r in p.reference))
 
 
 @torch.no_grad()
-def port_pass(component, port, pairing, spill: Spill, cpu_inputs: dict, modes, progress):
+def port_pass(component, port, pairing, spill: Spill, ref_order: list[str], ref_calls: Calls, cpu_inputs: dict,
+              modes, progress):
     """Run the port; compare each paired module's output as it completes (and re-run it on the
     reference's input, for isolated mode). Returns the report rows in reference order and
     {pair: why} for pairs the port never ran."""
-    order = _in_reference_order(pairing, spill)
+    order = _in_reference_order(pairing, ref_order)
     not_run = {f"port {p.port}": f"paired with {p.reference_name}, whose reference module did not run"
                for p in _hooked(pairing) if p not in order}
     by_port = {p.port: p for p in order}
@@ -286,7 +287,7 @@ def port_pass(component, port, pairing, spill: Spill, cpu_inputs: dict, modes, p
             args, kwargs = calls.get(name, ((), {}))
             try:
                 state["replaying"] = True
-                iso = _replay(p, mods[name], args, kwargs, spill, r)
+                iso = _replay(p, mods[name], args, kwargs, ref_calls, r)
             except Exception as e:  # the port module does not take the reference's input as given
                 why = f"isolated re-run failed: {type(e).__name__}: {str(e)[:120]}"
             finally:
@@ -323,9 +324,9 @@ def port_pass(component, port, pairing, spill: Spill, cpu_inputs: dict, modes, p
     return rows, not_run
 
 
-def _replay(p: Pair, module, args, kwargs, spill: Spill, r: torch.Tensor):
+def _replay(p: Pair, module, args, kwargs, ref_calls: Calls, r: torch.Tensor):
     """The port module on the reference's recorded inputs (module docstring)."""
-    call = spill.calls.get(f"in:{p.reference[0]}")
+    call = ref_calls.get(f"in:{p.reference[0]}")
     if call is None:
         return None
     ref_in = _tensors(*call)
