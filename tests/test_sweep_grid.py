@@ -232,3 +232,24 @@ def test_a_killed_sweep_resumes_without_recomputing_its_finished_cells(work, loc
         else:
             assert abs(c["margin_delta"]) < 1e-6 and c["status"] == ["fail", "fail"]
     assert "REGRESSED enc/base/seed=0" in text
+
+
+def test_txt2img_cells_reuse_the_workers_pipelines(work):
+    """The second txt2img cell loads nothing and computes what run_txt2img computes on its own."""
+    from sdport.parity.sweep.cells import CellRunner
+    from sdport.parity.txt2img import run_txt2img
+
+    p = work / "t2i.toml"
+    p.write_text('[checkpoints]\nbase = { checkpoint = "tiny.ckpt", h5 = "good.h5" }\n[[run]]\nname = "t2i"\n'
+                 'parity = "txt2img"\nprompt = "a red cube"\nsteps = 4\nsampler = "ddim"\nheight = 16\nwidth = 16\n'
+                 '[run.grid]\nseed = [5, 6]\n')
+    cells = S.load(str(p)).cells
+    runner = CellRunner(str(work))
+    first, second = runner.run(cells[0]), runner.run(cells[1])
+    assert first["model_loads"] >= 2 and second["model_loads"] == 0
+    fresh = run_txt2img(str(work / "tiny.ckpt"), h5=str(work / "good.h5"), prompt="a red cube", steps=4,
+                        sampler="ddim", height=16, width=16, layer_steps=[], seed=6)
+    got = json.loads(second["report_json"])
+    assert second["status"] == "pass" and got["steps"] == json.loads(json.dumps(fresh.to_dict()["steps"]))
+    assert got["image"] == json.loads(json.dumps(fresh.image))
+    assert got["conditioning"] == json.loads(json.dumps(fresh.conditioning))

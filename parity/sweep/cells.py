@@ -4,7 +4,8 @@ A worker keeps what it loaded: each checkpoint is converted once (when the spec 
 each model is loaded once per checkpoint, device and dtype, for the most recent `keep` checkpoints
 (cells are dealt out in checkpoint order, so a worker meets each checkpoint about once). Component
 cells reuse the loaded models and call the harness's compare_layers, exactly what run_parity does
-after its loads; cells naming a port, and txt2img cells, go through run_parity / run_txt2img.
+after its loads; txt2img cells hand run_txt2img the worker's loaded pipelines; cells naming a port go
+through run_parity / run_txt2img with the port, whose native side is the port's.
 """
 from __future__ import annotations
 
@@ -162,15 +163,27 @@ class CellRunner:
 
     def _txt2img(self, cell: Cell) -> dict:
         from ..metrics import apply_overrides
-        from ..txt2img import latent_tolerance, run_txt2img
+        from ..txt2img import ReferencePipeline, latent_tolerance, run_txt2img
         from .. import txt2img_report
 
         p, ck = cell.p, cell.checkpoint
         gate = p.get("gate") or p["dtype"]
         tol = apply_overrides(latent_tolerance(gate), p["tol"])
-        extra = {"port": p["port"]} if "port" in p else {}
+        h5 = self.h5_for(ck)
+        if "port" in p:  # the port replaces the native side: nothing of ours to keep
+            extra = {"port": p["port"]}
+        else:
+            from ..harness import resolve_device
+            from ...models.pipeline import Models
+
+            dev = str(resolve_device(p["device"]))
+            models = self._get(ck, ("models", dev, p["dtype"]), lambda: Models(h5, device=dev, dtype=p["dtype"]))
+            heads = models.config("unet").num_heads
+            extra = {"models": models,
+                     "reference": self._get(ck, ("txt2img reference", dev, heads),
+                                            lambda: ReferencePipeline(ck.checkpoint, device=dev, num_heads=heads))}
         with tempfile.TemporaryDirectory(dir=self.workdir) as work:
-            result = run_txt2img(ck.checkpoint, h5=self.h5_for(ck), prompt=p["prompt"], negative=p["negative"],
+            result = run_txt2img(ck.checkpoint, h5=h5, prompt=p["prompt"], negative=p["negative"],
                                  steps=p["steps"], spacing=p["spacing"], scale=p["scale"], sampler=p["sampler"],
                                  eta=p["eta"], seed=p["seed"], height=p.get("height"), width=p.get("width"),
                                  device=p["device"], dtype=p["dtype"], layer_steps=p["layer_steps"], gate_dtype=gate,
