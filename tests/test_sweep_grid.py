@@ -210,7 +210,7 @@ def test_a_killed_sweep_resumes_without_recomputing_its_finished_cells(work, loc
     finally:
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-    before = {n: (out / "cells" / n).read_bytes() for n in os.listdir(out / "cells") if n.endswith(".json")}
+    before = {n: (out / "cells" / n).read_bytes() for n in os.listdir(out / "cells") if not n.startswith(".tmp-")}
     assert 2 <= len(before) < len(LABELS), "the sweep was to be killed before it finished"
     code, _, err = run_cli("sweep", work / "regressed.toml", "--out", out)
     assert code == 2 and "--resume" in err  # a store is never overwritten by accident
@@ -218,6 +218,7 @@ def test_a_killed_sweep_resumes_without_recomputing_its_finished_cells(work, loc
     res = run_sweep(sp, str(out), lambda: LocalExecutor(1), resume=True)
     assert res.reused == len(before) and res.computed == len(LABELS) - len(before)
     assert {n: (out / "cells" / n).read_bytes() for n in before} == before  # untouched
+    assert not [n for _, _, ns in os.walk(out) for n in ns if n.startswith(".tmp-")]  # a kill's half-writes are gone
     again = run_sweep(sp, str(out), lambda: pytest.fail("nothing is left to run"), resume=True)
     assert again.computed == 0 and again.reused == len(LABELS)
 
@@ -242,11 +243,14 @@ def test_txt2img_cells_reuse_the_workers_pipelines(work):
     p = work / "t2i.toml"
     p.write_text('[checkpoints]\nbase = { checkpoint = "tiny.ckpt", h5 = "good.h5" }\n[[run]]\nname = "t2i"\n'
                  'parity = "txt2img"\nprompt = "a red cube"\nsteps = 4\nsampler = "ddim"\nheight = 16\nwidth = 16\n'
-                 '[run.grid]\nseed = [5, 6]\n')
+                 '[run.grid]\nseed = [5, 6]\n'
+                 '[[run]]\nname = "bad"\nparity = "txt2img"\nprompt = "x"\nsteps = 3\nheight = 16\nwidth = 16\nseed = 0\n')
     cells = S.load(str(p)).cells
     runner = CellRunner(str(work))
-    first, second = runner.run(cells[0]), runner.run(cells[1])
+    first, second, bad = runner.run(cells[0]), runner.run(cells[1]), runner.run(cells[2])
     assert first["model_loads"] >= 2 and second["model_loads"] == 0
+    # a run that raises is an error cell with its one-line reason, not a crashed worker
+    assert bad["status"] == "error" and "--steps 3" in bad["error"] and bad["report_json"] is None
     fresh = run_txt2img(str(work / "tiny.ckpt"), h5=str(work / "good.h5"), prompt="a red cube", steps=4,
                         sampler="ddim", height=16, width=16, layer_steps=[], seed=6)
     got = json.loads(second["report_json"])

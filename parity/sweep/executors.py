@@ -16,11 +16,16 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 
+from ...models.errors import SdportError
 from .spec import Cell
 
 
 class WorkerDied(Exception):
     """The worker running a cell is gone (killed, crashed, its node lost)."""
+
+
+class ExecutorError(SdportError):
+    """No worker could be started: the sweep cannot go on (one line for the command line)."""
 
 
 class Executor(abc.ABC):
@@ -144,7 +149,10 @@ class LocalExecutor(Executor):
         pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_init_worker, initargs=(self.threads, self.keep))
         self._pools[slot] = pool
-        return pool.submit(_worker_name).result()
+        try:
+            return pool.submit(_worker_name).result()
+        except cf.process.BrokenProcessPool as e:
+            raise ExecutorError(f"a local worker process could not start: {e}") from None
 
     def submit(self, slot: int, cell: Cell):
         return self._pools[slot].submit(_run_cell, cell)

@@ -7,7 +7,7 @@ node needs sdport and the reference side installed: Ray ships the cells, not the
 """
 from __future__ import annotations
 
-from .executors import Executor, WorkerDied
+from .executors import Executor, ExecutorError, WorkerDied
 from .spec import Cell, SpecError
 
 
@@ -72,7 +72,7 @@ class RayExecutor(Executor):
         try:
             return self.ray.get(actor.name.remote())
         except self.ray.exceptions.RayError as e:
-            raise WorkerDied(f"a Ray worker could not start: {' '.join(str(e).split())[:200]}") from None
+            raise ExecutorError(f"a Ray worker could not start: {' '.join(str(e).split())[:200]}") from None
 
     def submit(self, slot: int, cell: Cell):
         return self._actors[slot].run.remote(cell)

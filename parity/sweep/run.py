@@ -61,8 +61,7 @@ def run_sweep(spec: Spec, out: str, make_executor, *, resume: bool = False, prog
     sums = checksums([f for c in spec.cells for f in c.files()])
     keys = {c.id: c.key(sums) for c in spec.cells}
     old = store.records() if resume else {}
-    for name in os.listdir(store.running_dir):  # in flight when a previous run was killed
-        os.unlink(os.path.join(store.running_dir, name))
+    store.clear_leftovers()  # of a previous run that was killed: cells in flight, half-written files
     records = {cid: r for cid, r in old.items() if cid in keys and r.get("key") == keys[cid]
                and r.get("status") in FINISHED}
     todo = _order(spec, [c for c in spec.cells if c.id not in records])

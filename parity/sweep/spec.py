@@ -150,10 +150,6 @@ class Spec:
     cells: tuple[Cell, ...]
     runs: tuple[str, ...]        # run names in spec order
 
-    @property
-    def names_a_port(self) -> bool:
-        return any("port" in c.p for c in self.cells)
-
 
 def _freeze(v):
     if isinstance(v, dict):

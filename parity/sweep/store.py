@@ -76,6 +76,13 @@ class Store:
         if not os.access(self.out, os.W_OK):
             raise StoreError(f"--out {self.out}: folder is not writable")
 
+    def clear_leftovers(self) -> None:
+        """Remove the in-flight markers and the temporary files a killed run left behind."""
+        for d in (self.running_dir, self.cells_dir, self.reports_dir, self.out):
+            for name in os.listdir(d):
+                if d == self.running_dir or name.startswith(".tmp-"):
+                    os.unlink(os.path.join(d, name))
+
     def records(self) -> dict[str, dict]:
         """{cell id: record} of every record on disk (unreadable ones are skipped: they will be recomputed)."""
         out = {}
