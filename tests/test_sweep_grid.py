@@ -113,6 +113,10 @@ def test_the_store_summary_and_junit(work, local):
         assert (out / r["html"]).is_file()
     assert not [n for _, _, ns in os.walk(out) for n in ns if n.startswith(".tmp-")]
     assert os.listdir(out / "running") == []
+    import tempfile
+    pids = [r["worker"].rsplit(":", 1)[1] for r in recs.values()]
+    assert not [n for n in os.listdir(tempfile.gettempdir())
+                if any(n.startswith(f"sdport-sweep-worker-{p}-") for p in pids)]  # the workers cleaned up
     page = (out / "summary.html").read_text()
     for label in LABELS[2:]:  # failing cells link to their reports
         assert f"href=\"{recs[label]['html']}\"" in page
@@ -193,6 +197,9 @@ def test_a_worker_killed_mid_sweep_loses_no_cell(work, local, kind, request):
     assert sum(r["attempts"] for r in recs.values()) == len(LABELS) + 1
     assert {l: result_of(r) for l, r in recs.items()} == {l: result_of(r) for l, r in local[3].items()}
     assert any("died running" in line for line in log)
+    import tempfile
+    dead = killed[0]["worker"].rsplit(":", 1)[1]  # the killed worker's folder went with the next start
+    assert not [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f"sdport-sweep-worker-{dead}-")]
 
 
 def test_a_killed_sweep_resumes_without_recomputing_its_finished_cells(work, local):
@@ -246,14 +253,18 @@ def test_txt2img_cells_reuse_the_workers_pipelines(work):
                  '[run.grid]\nseed = [5, 6]\n'
                  '[[run]]\nname = "bad"\nparity = "txt2img"\nprompt = "x"\nsteps = 3\nheight = 16\nwidth = 16\nseed = 0\n')
     cells = S.load(str(p)).cells
-    runner = CellRunner(str(work))
+    runner = CellRunner()
     first, second, bad = runner.run(cells[0]), runner.run(cells[1]), runner.run(cells[2])
     assert first["model_loads"] >= 2 and second["model_loads"] == 0
     # a run that raises is an error cell with its one-line reason, not a crashed worker
     assert bad["status"] == "error" and "--steps 3" in bad["error"] and bad["report_json"] is None
+    workdir = runner.workdir
+    runner.close()
+    assert not os.path.exists(workdir)
     fresh = run_txt2img(str(work / "tiny.ckpt"), h5=str(work / "good.h5"), prompt="a red cube", steps=4,
                         sampler="ddim", height=16, width=16, layer_steps=[], seed=6)
     got = json.loads(second["report_json"])
     assert second["status"] == "pass" and got["steps"] == json.loads(json.dumps(fresh.to_dict()["steps"]))
     assert got["image"] == json.loads(json.dumps(fresh.image))
     assert got["conditioning"] == json.loads(json.dumps(fresh.conditioning))
+

@@ -10,7 +10,6 @@ through run_parity / run_txt2img with the port, whose native side is the port's.
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import inspect
 import json
@@ -60,6 +59,23 @@ def _nonfinite_safe(x):
     return encode_nonfinite(x)
 
 
+WORKDIR_PREFIX = "sdport-sweep-worker-"
+
+
+def remove_stale_workdirs() -> None:
+    """The work folders (converted checkpoints) of this machine's workers that were killed: a killed
+    process cleans up nothing, so the next worker to start does."""
+    import shutil
+
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        if not name.startswith(WORKDIR_PREFIX):
+            continue
+        pid = name[len(WORKDIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+
+
 class CellRunner:
     """One worker's runner and cache. `run(cell)` never raises for a failing cell: an exception becomes
     an error outcome (a worker that dies is the executor's business)."""
@@ -67,13 +83,21 @@ class CellRunner:
     def __init__(self, workdir: str | None = None, keep: int = 2):
         self._tmp = None
         if workdir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="sdport-sweep-worker-")
+            remove_stale_workdirs()
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
             workdir = self._tmp.name
         self.workdir = workdir
         self.keep = keep
         self._cache: collections.OrderedDict = collections.OrderedDict()  # checkpoint -> {what: loaded}
         self.loads = 0          # models loaded and checkpoints converted, over the worker's life
         self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def close(self) -> None:
+        """Drop the loaded models and remove the work folder."""
+        self._cache.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     # --- the cache -----------------------------------------------------------------------
     def _slot(self, ck: Checkpoint) -> dict:
@@ -250,11 +274,3 @@ def txt2img_outcome(result, psnr_min: float, report_json: str, report_html: str)
             "report_html": report_html}
 
 
-@contextlib.contextmanager
-def runner(workdir: str | None = None):
-    r = CellRunner(workdir)
-    try:
-        yield r
-    finally:
-        if r._tmp is not None:
-            r._tmp.cleanup()

@@ -14,6 +14,7 @@ import abc
 import collections
 import concurrent.futures as cf
 import multiprocessing
+import multiprocessing.util
 import os
 
 from ...models.errors import SdportError
@@ -120,6 +121,8 @@ def _init_worker(threads: int, keep: int) -> None:
 
     torch.set_num_threads(threads)
     _RUNNER = CellRunner(keep=keep)
+    # A pool's worker exits without running atexit; multiprocessing's own finalizers do run.
+    multiprocessing.util.Finalize(_RUNNER, _RUNNER.close, exitpriority=10)
 
 
 def _worker_name() -> str:

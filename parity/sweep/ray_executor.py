@@ -25,6 +25,9 @@ class CellActor:
     def run(self, cell: Cell) -> dict:
         return self.runner.run(cell)
 
+    def close(self) -> None:
+        self.runner.close()
+
 
 def _ray():
     try:
@@ -88,6 +91,12 @@ class RayExecutor(Executor):
             raise WorkerDied(" ".join(str(e).split())[:300]) from None
 
     def close(self) -> None:
+        # A graceful exit first, so each actor removes its work folder; then kill what is left.
+        refs = [a.close.remote() for a in self._actors.values()]
+        try:
+            self.ray.wait(refs, num_returns=len(refs), timeout=30)
+        except Exception:  # noqa: BLE001 - a dead actor has nothing to clean
+            pass
         for a in self._actors.values():
             try:
                 self.ray.kill(a, no_restart=True)
