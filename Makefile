@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (both idempotent):
 #   make demo   set up, then convert the bundled tiny checkpoint and print its parity report
-#   make test   the same set-up (native package and reference side), then run the test suite
+#   make test   the same set-up (native package, reference side, Ray), then run the test suite
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,7 +19,7 @@ $(BIN)/python:
 $(VENV)/.sdport-setup: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,ray]"
 	$(BIN)/pip install -q --no-deps "$(LDM)" "$(OPEN_CLIP)"
 	touch $@
 

@@ -845,6 +845,87 @@ def parity_txt2img(checkpoint, h5, prompt, negative, steps, spacing, scale, samp
         sys.exit(1)
 
 
+class _SweepGroup(click.Group):
+    """`sdport sweep SPEC.toml ...` runs a sweep (the `run` subcommand); `sdport sweep compare OLD NEW`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_SweepGroup)
+def sweep():
+    """Parity sweeps: a grid of parity runs from a TOML spec, on local worker processes or a Ray cluster
+    (docs/sweeps.md).
+
+    \b
+    sdport sweep SPEC.toml [--out DIR] [--workers N] [--ray auto|local|ADDRESS] [--resume]
+    sdport sweep compare OLD_DIR NEW_DIR     cells that passed before and fail now; every cell's drift
+    """
+
+
+@sweep.command("run")
+@click.argument("spec_path", metavar="SPEC.toml", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="The results store (default: sweep-<spec name> in the current folder).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes (local default 1; Ray default: the cluster's GPUs, else its CPUs).")
+@click.option("--ray", "ray_address", default=None, metavar="auto|local|ADDRESS",
+              help="Run on Ray: auto (a running cluster), local (start one here) or a cluster's address.")
+@click.option("--resume", is_flag=True, help="Continue the sweep in --out: finished cells with the same inputs are kept.")
+def sweep_run(spec_path, out_dir, workers, ray_address, resume):
+    """Run every cell of SPEC.toml; exit 1 when a cell fails or errs (summary.html, junit.xml in --out)."""
+    from .parity.sweep import spec as sweep_spec
+    from .parity.sweep.run import run_sweep
+
+    spec = sweep_spec.load(spec_path)
+    out_dir = out_dir or f"sweep-{os.path.splitext(os.path.basename(spec_path))[0]}"
+
+    def make_executor():
+        if ray_address:
+            from .parity.sweep.ray_executor import RayExecutor
+            return RayExecutor(ray_address, workers)
+        from .parity.sweep.executors import LocalExecutor
+        return LocalExecutor(workers or 1)
+
+    with _progress("sweep", "cell") as bar:
+        result = run_sweep(spec, out_dir, make_executor, resume=resume, progress=bar.update,
+                           log=lambda line: click.echo(line, err=True))
+    c = result.counts
+    click.echo(f"sweep {spec.name}: {c['cells']} cells, {c['pass']} pass, {c['fail']} fail, {c['error']} error "
+               f"({c['computed']} computed, {c['reused']} from the store, {c['retried']} retried)")
+    for r in result.records:
+        if r["status"] != "pass":
+            why = r["error"] if r["status"] == "error" else "; ".join(r.get("failures") or [])
+            click.echo(f"  {r['status']}: {r['label']}: {why[:200]}")
+    click.echo(f"summary: {os.path.join(out_dir, 'summary.html')}")
+    click.echo(f"junit: {os.path.join(out_dir, 'junit.xml')}")
+    if not result.passed:
+        sys.exit(1)
+
+
+@sweep.command("compare")
+@click.argument("old", type=click.Path(file_okay=False))
+@click.argument("new", type=click.Path(file_okay=False))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the comparison as JSON here.")
+@click.option("--all", "all_cells", is_flag=True, help="List every cell's drift (default: the 20 that moved most).")
+def sweep_compare(old, new, json_path, all_cells):
+    """Sweep OLD against sweep NEW: cells that passed before and fail now (exit 1 when there are any)
+    and each cell's metric drift."""
+    from .parity.sweep.compare import compare_stores, text
+    from .parity.sweep.store import dumps, write_atomic
+
+    _check_report_paths(json=json_path)
+    c = compare_stores(old, new)
+    click.echo(text(c, all_cells))
+    if json_path:
+        write_atomic(os.path.abspath(json_path), dumps(c.to_dict()))
+        click.echo(f"json: {json_path}")
+    if c.regressions:
+        sys.exit(1)
+
+
 @main.command()
 @click.option("--out", "out_dir", default="out/demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the converted file and the reports go.")

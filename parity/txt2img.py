@@ -410,8 +410,11 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                 spacing: str = "ldm", scale: float = 7.5, sampler: str = "plms", eta: float = 0.0, seed: int = 42,
                 height: int | None = None, width: int | None = None, device: str = "cpu", dtype: str = "fp32", layer_steps=None,
                 gate_dtype: str | None = None, tolerance: Tolerance | None = None,
-                image_psnr_db: float | None = None, workdir: str | None = None, progress=None) -> Txt2ImgResult:
+                image_psnr_db: float | None = None, workdir: str | None = None, progress=None,
+                models: P.Models | None = None, reference: ReferencePipeline | None = None) -> Txt2ImgResult:
     """Reference (ldm's sampler, fp32) against the native pipeline (`dtype`) for one txt2img request.
+    `models` (of `h5`, on `device` in `dtype`) and `reference` (of `checkpoint`, on `device`) are loaded
+    parts to reuse from run to run (a sweep's worker keeps them); None loads them here.
     The gates use `gate_dtype`'s defaults (default: `dtype`), or `tolerance` / `image_psnr_db`.
     The image size defaults to the model's usual latent side (harness.default_size: 64 for SD v1, so
     512x512) times the VAE's factor; ldm materialises each attention matrix, so a tiny model at 512x512
@@ -428,7 +431,8 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-txt2img-"))
         h5 = ensure_h5(checkpoint, h5, work, P.NEEDS["txt2img"])
-        models = stack.enter_context(P.Models(h5, device=dev, dtype=dtype))
+        if models is None:
+            models = stack.enter_context(P.Models(h5, device=dev, dtype=dtype))
         side = default_size("unet", models.config("unet")) * models.config("decoder").downscale
         height, width = height or side, width or side
         req = P.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
@@ -440,9 +444,10 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         ucfg = models.config("unet")
         fmt = models.reader.group_attrs("unet").get("source_format", "compvis")
 
-        # The reference pipeline runs first and is freed before any native model is loaded: its per-step
-        # latents and eps stay in memory (one latent each), the chosen steps' UNet layers go to disk.
-        ref = ReferencePipeline(checkpoint, device=dev, num_heads=ucfg.num_heads)
+        # The reference pipeline runs first and (unless the caller keeps it) is freed before any native
+        # model is loaded: its per-step latents and eps stay in memory (one latent each), the chosen
+        # steps' UNet layers go to disk.
+        ref = reference or ReferencePipeline(checkpoint, device=dev, num_heads=ucfg.num_heads)
         notes = list(models.notes) + ([ref.note] if ref.note else [])
         tok = default_tokenizer()
         ids = torch.tensor([tok(negative), tok(prompt)], dtype=torch.long)  # [2, 77], uncond first
