@@ -268,3 +268,21 @@ def test_txt2img_cells_reuse_the_workers_pipelines(work):
     assert got["image"] == json.loads(json.dumps(fresh.image))
     assert got["conditioning"] == json.loads(json.dumps(fresh.conditioning))
 
+
+
+def test_port_cells_run_the_port_against_the_reference(work):
+    """A port as a grid axis: the cell's candidate is the port, paired from the weights."""
+    from sdport.parity.sweep.cells import CellRunner
+
+    p = work / "port.toml"
+    p.write_text('[checkpoints]\nbase = { checkpoint = "tiny.ckpt", h5 = "good.h5" }\n[[run]]\nname = "dec"\n'
+                 'parity = "decoder"\nseed = 0\nbatch = 1\n[run.grid]\nport = ["diffusers"]\n')
+    (cell,) = S.load(str(p)).cells
+    runner = CellRunner()
+    try:
+        r = runner.run(cell)
+    finally:
+        runner.close()
+    assert r["status"] == "pass", r
+    report = json.loads(r["report_json"]) if isinstance(r["report_json"], str) else r["report_json"]
+    assert report["candidate"] == "port" and "(100%)" in report["inputs"]["pairing"]

@@ -99,13 +99,12 @@ def test_a_missing_spec_and_a_missing_checkpoint_are_one_line(tmp_path):
     assert code == 2 and "missing.ckpt: no such file" in err and err.count("\n") == 1
 
 
-def test_a_port_is_refused_in_one_line_until_run_parity_takes_it(tmp_path):
+def test_a_txt2img_port_is_refused_in_one_line(tmp_path):
     from sdport.parity.sweep.cells import port_support
 
-    body = '[[run]]\nparity = "unet"\nseed = 0\n[run.grid]\nport = ["diffusers"]\n'
+    body = '[[run]]\nparity = "txt2img"\nprompt = "x"\nseed = 0\n[run.grid]\nport = ["diffusers"]\n'
     code, _, err = run_cli("sweep", write_spec(tmp_path, body), "--out", tmp_path / "out")
-    if port_support()["component"]:
-        pytest.skip("this run_parity takes port: the pass-through is tested with the cells")
+    assert port_support() == {"component": True, "txt2img": False}
     assert code == 2 and err.count("\n") == 1 and "names port 'diffusers'" in err and "takes no port" in err
 
 

@@ -166,7 +166,8 @@ class CellRunner:
                 gate = "int8" if r.has(comp) and r.quantized(comp) else p["dtype"]
         tol = _tolerance(p, gate)
         if "port" in p:
-            result = run_parity(comp, ck.checkpoint, h5=h5, modes=modes, device=p["device"], dtype=p["dtype"],
+            # The port is the candidate: no native .h5 takes part.
+            result = run_parity(comp, ck.checkpoint, modes=modes, device=p["device"], dtype=p["dtype"],
                                 seed=p["seed"], prompt=p.get("prompt"), batch=p["batch"], size=p.get("size"),
                                 tolerance=tol, port=p["port"])
         else:
