@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ..components import ParityError
-from ..reference.load import read_reference_weights
+from ..reference.load import parameters_on_meta, read_reference_weights
 
 # Where a CompVis checkpoint keeps each component; diffusers' converters look for these prefixes.
 _PREFIX = {"unet": "model.diffusion_model.", "encoder": "first_stage_model.", "decoder": "first_stage_model.",
@@ -53,12 +53,20 @@ def _quiet():
             log.setLevel(level)
 
 
+def _empty(build):
+    """The model with its parameters on the meta device (no memory, no initialisation): it takes the
+    converted tensors themselves (`_load`), so one copy of the weights exists."""
+    with parameters_on_meta():
+        return build()
+
+
 def _load(model: torch.nn.Module, state: dict, what: str) -> torch.nn.Module:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing or unexpected or empty:
         raise ParityError(f"diffusers port: the converted {what} does not fit diffusers' model "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+                          f"(missing {(missing or empty)[:3]}, unexpected {unexpected[:3]})")
     return model
 
 
@@ -91,7 +99,7 @@ def _unet(cfg, full: dict, component: str):
             "use_linear_in_transformer": False}
     config = sf.create_unet_diffusers_config_from_ldm(_original_config(unet=unet), full)
     state = sf.convert_ldm_unet_checkpoint(full, config)
-    return _load(UNetPort.from_config(config), state, "UNet")
+    return _load(_empty(lambda: UNetPort.from_config(config)), state, "UNet")
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -123,7 +131,7 @@ def _vae(cfg, full: dict, component: str):
     # The component is one half of the VAE: diffusers' converter maps the keys it is given (it skips
     # the absent half's), and the other half of the model is removed.
     state = sf.convert_ldm_vae_checkpoint(full, config)
-    model = (EncoderPort if component == "encoder" else DecoderPort).from_config(config)
+    model = _empty(lambda: (EncoderPort if component == "encoder" else DecoderPort).from_config(config))
     drop = ("decoder", "post_quant_conv") if component == "encoder" else ("encoder", "quant_conv")
     for name in drop:
         setattr(model, name, None)
@@ -147,7 +155,7 @@ def _text(cfg, full: dict, component: str):
                         num_attention_heads=cfg.heads, num_hidden_layers=cfg.layers,
                         intermediate_size=cfg.intermediate, hidden_act=cfg.activation,
                         layer_norm_eps=cfg.layer_norm_eps, projection_dim=cfg.hidden)
-    return _load(TextPort(hf), sf.convert_ldm_clip_checkpoint(full), "text encoder")
+    return _load(_empty(lambda: TextPort(hf)), sf.convert_ldm_clip_checkpoint(full), "text encoder")
 
 
 def _vit(cfg, fmt: str, sd: dict):
@@ -171,4 +179,4 @@ def _vit(cfg, fmt: str, sd: dict):
                           num_attention_heads=cfg.heads, num_hidden_layers=cfg.layers,
                           intermediate_size=cfg.intermediate, projection_dim=cfg.projection_dim,
                           hidden_act=cfg.activation, layer_norm_eps=cfg.layer_norm_eps)
-    return _load(VisionPort(hf), sd, "image encoder")
+    return _load(_empty(lambda: VisionPort(hf)), sd, "image encoder")
