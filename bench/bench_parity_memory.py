@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--h5", required=True)
     ap.add_argument("--before", default=None, help="an earlier revision to measure beside this one")
     ap.add_argument("--what", default="forward,unet,txt2img")
+    ap.add_argument("--skip-now", action="store_true", help="measure only the --before revision")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     what = a.what.split(",")
@@ -84,7 +85,7 @@ def main() -> None:
                     "--height", "512", "--width", "512", "--json", os.path.join(work, "txt2img.json")],
     }
     out = {"machine": {"load_average": os.getloadavg(), "cpus": os.cpu_count()}, "results": {}}
-    trees = {"now": None}
+    trees = {} if a.skip_now else {"now": None}
     if a.before:
         trees[a.before] = checkout(a.before)
     if "forward" in what:
