@@ -265,7 +265,10 @@ def _components_option(value):
 @click.option("--dtype", type=click.Choice(["keep", *DTYPES]), default="keep", show_default=True)
 @click.option("--ema", type=click.Choice(["auto", "use", "ignore"]), default="auto", show_default=True,
               help="auto: model.diffusion_model.* as CompVis inference does; use: the EMA copy; ignore: never read it.")
-@click.option("--num-heads", type=click.IntRange(min=1), default=None, help="UNet attention heads (not stored in checkpoints).")
+@click.option("--num-heads", type=click.IntRange(min=1), default=None,
+              help="UNet attention heads, the same at every level (not stored in checkpoints).")
+@click.option("--num-head-channels", type=click.IntRange(min=1), default=None,
+              help="UNet attention head width instead: heads = width // N per level (SD 2.x: 64).")
 @click.option("--strict", is_flag=True, help="Fail on keys that belong to no known component.")
 @click.option("--force", is_flag=True, help="Overwrite the destination.")
 @click.option("--compress", is_flag=True, help="gzip the datasets (smaller, no memory-mapped loading).")
@@ -273,13 +276,15 @@ def _components_option(value):
               help="Store Linear/Conv2d weights as int8 with per-output-channel scales (not exportable).")
 @click.option("--quantize-components", default="unet", show_default=True,
               help="Comma-separated components --quantize applies to.")
-def convert(src, out, components, dtype, ema, num_heads, strict, force, compress, quantize, quantize_components):
+def convert(src, out, components, dtype, ema, num_heads, num_head_channels, strict, force, compress, quantize,
+            quantize_components):
     """Convert a CompVis checkpoint (or a CLIP ViT state dict) to the sdport HDF5 layout."""
     from .convert.convert import convert as run
 
     with _progress("converting", "tensor") as bar:  # the total comes with the first update
         s = run(src, out, components=_components_option(components), dtype=dtype, ema=ema, strict=strict,
-                force=force, num_heads=num_heads, compression="gzip" if compress else None, progress=bar.update,
+                force=force, num_heads=num_heads, num_head_channels=num_head_channels,
+                compression="gzip" if compress else None, progress=bar.update,
                 quantize=quantize, quantize_components=_components_option(quantize_components))
     p = s.plan
     click.echo(f"wrote {out}: {p.family} {p.variant}, {_human_bytes(s.bytes_written)}")

@@ -85,6 +85,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: str = "auto",
             strict: bool = False, force: bool = False, num_heads: int | None = None,
+            num_head_channels: int | None = None,
             compression: str | None = None, progress=None, quantize: str | None = None,
             quantize_components=QUANTIZE_DEFAULT) -> Summary:
     """Convert `src` to `out`. `progress(n, total)` is called with the number of tensors done so far.
@@ -99,7 +100,7 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
     cast = CAST[dtype]
     _not_the_input(src, out)
     with open_checkpoint(src) as ckpt:
-        p = plan(ckpt, components=components, ema=ema, num_heads=num_heads)
+        p = plan(ckpt, components=components, ema=ema, num_heads=num_heads, num_head_channels=num_head_channels)
         if strict and p.unknown:
             raise SdportError(f"{src}: {len(p.unknown)} unknown key(s) under --strict, first '{p.unknown[0]}'")
         if not p.components:

@@ -30,6 +30,8 @@ IGNORED_GLOBAL = [
     (r"^model_ema\.(decay|num_updates)$", "EMA bookkeeping (decay rate, update count)"),
     (r"^logvar$", "per-timestep log-variance used only by the training loss"),
     (r"^lvlb_weights$", "variational-bound loss weights, training only"),
+    (r"^depth_model\.", "the MiDaS (DPT-Hybrid) depth estimator of the SD 2.x depth model: it turns the input "
+                        "image into the UNet's depth channel; not a diffusion component, not converted"),
 ]
 
 
@@ -61,8 +63,8 @@ class Plan:
 
     @property
     def family(self) -> str:
-        families = [c.source.family for c in self.components.values()]
-        return "sd-v1" if "sd-v1" in families else (families[0] if families else "unknown")
+        families = [c.source.family_of(c.config) for c in self.components.values()]
+        return next((f for f in ("sd-v2", "sd-v1") if f in families), families[0] if families else "unknown")
 
     @property
     def variant(self) -> str:
@@ -71,7 +73,7 @@ class Plan:
             if self.family == "clip-vit":
                 return "image-encoder"
             return "partial" if self.components else "none"
-        return "inpainting" if u.config.in_channels == 9 else "txt2img"
+        return unet.VARIANTS[u.config.in_channels]
 
 
 def ema_key(rel: str) -> str:
@@ -98,8 +100,11 @@ def _ignored(patterns, rel: str):
     return None
 
 
-def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = None) -> Plan:
-    """Map every key of `ckpt` (a convert.checkpoint.Checkpoint) to a destination."""
+def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = None,
+         num_head_channels: int | None = None) -> Plan:
+    """Map every key of `ckpt` (a convert.checkpoint.Checkpoint) to a destination. `num_heads` /
+    `num_head_channels` set the head layout of the sources whose shapes do not say it (the UNet)."""
+    heads = {k: v for k, v in (("num_heads", num_heads), ("num_head_channels", num_head_channels)) if v is not None}
     infos = ckpt.infos
     out = Plan()
     claimed: set[str] = set()
@@ -124,7 +129,7 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
         if src.ema and not rel:
             rel = _ema_rel_shapes(infos)  # an EMA-only checkpoint
         try:
-            config = infer(rel, num_heads=num_heads) if src.num_heads and num_heads else infer(rel)
+            config = infer(rel, **heads) if src.num_heads and heads else infer(rel)
         except UnsupportedCheckpoint as e:
             raise UnsupportedCheckpoint(f"{ckpt.path}: {e}") from None
         rows = rows_of(config)
@@ -192,9 +197,9 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
 
 def _ema_rel_shapes(infos) -> dict[str, tuple]:
     """UNet shapes read from an EMA-only checkpoint. EMA names have lost their dots, so they are
-    matched against the names the supported topologies (SD v1 and the tiny preset) would have."""
+    matched against the names the supported topologies (SD v1, 2.x and the tiny presets) would have."""
     names = {}
-    for cfg in (unet.UNetConfig.sd_v1(), unet.UNetConfig.tiny()):
+    for cfg in (unet.UNetConfig.sd_v1(), unet.UNetConfig.tiny(), unet.UNetConfig.sd_v2(), unet.UNetConfig.tiny_v2()):
         for r in unet.rows(cfg):
             for s in r.sources:
                 names[ema_key(s)] = s

@@ -216,6 +216,10 @@ def unet_mode(models: Models) -> str:
         return "plain"
     if u.in_channels == 2 * u.out_channels + 1:
         return "inpainting"
+    if u.in_channels == u.out_channels + 1:
+        raise SdportError(f"{models.path}: /unet is a depth-conditioned UNet ({u.in_channels} input channels: "
+                          "latent + depth map); sdport does not compute the depth map (the MiDaS model was "
+                          "not converted), so it cannot generate with it")
     raise LayoutError(f"{models.path}: /unet has {u.in_channels} input and {u.out_channels} output channels; "
                       f"expected {u.out_channels} (plain) or {2 * u.out_channels + 1} (inpainting)")
 

@@ -120,7 +120,8 @@ class ParityComponent:
 
 class UNet(ParityComponent):
     name = "unet"
-    extra_inputs = {"resnet": ("emb",), "transformer": ("context",), "transformer_block": ("context",),
+    extra_inputs = {"resnet": ("emb",), "transformer": ("context",), "transformer_linear": ("context",),
+                    "transformer_block": ("context",),
                     "cross_attention": ("context",)}
     takes_prompt_context = True
 
@@ -164,7 +165,8 @@ class UNet(ParityComponent):
         return build_reference
 
     def reference_plan_options(self, cfg):
-        return {"num_heads": cfg.num_heads}  # in no shape: the reference takes the native file's
+        # in no shape: the reference takes the native file's head layout
+        return {"num_heads": cfg.num_heads, "num_head_channels": cfg.num_head_channels}
 
 
 class TextModel(ParityComponent):

@@ -136,11 +136,12 @@ class ReferencePipeline:
     ldm's Decoder / Encoder. `sampler(name)` is ldm's PLMSSampler or DDIMSampler over the stand-in."""
 
     def __init__(self, checkpoint: str, *, device="cpu", num_heads: int | None = None,
-                 components=P.NEEDS["txt2img"]):
+                 num_head_channels: int | None = None, components=P.NEEDS["txt2img"]):
         self.device = torch.device(device)
         self.parts: dict[str, torch.nn.Module] = {}
         for c in components:
-            m, _, _ = load_reference(c, checkpoint, num_heads=num_heads)  # used by the sources whose heads no shape says
+            # the head layout is used by the sources whose heads no shape says
+            m, _, _ = load_reference(c, checkpoint, num_heads=num_heads, num_head_channels=num_head_channels)
             self.parts[c] = m.to(self.device)
         schedule, self.note = reference_schedule(checkpoint)
         self.model = StandIn(self.parts.get("unet"), schedule, self.device)
@@ -439,7 +440,8 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         ucfg = models.config("unet")
         fmt = models.reader.group_attrs("unet").get("source_format", "compvis")
 
-        ref = ReferencePipeline(checkpoint, device=dev, num_heads=ucfg.num_heads)
+        ref = ReferencePipeline(checkpoint, device=dev, num_heads=ucfg.num_heads,
+                                num_head_channels=ucfg.num_head_channels)
         notes = list(models.notes) + ([ref.note] if ref.note else [])
         tok = default_tokenizer()
         ids = torch.tensor([tok(negative), tok(prompt)], dtype=torch.long)  # [2, 77], uncond first

@@ -252,10 +252,10 @@ def test_strict_unknown_keys(variants, tmp_path):
 def test_shape_outside_supported_family(variants, tmp_path):
     sd = torch.load(variants["flat"], weights_only=True)
     k = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
-    sd[k] = torch.zeros(sd[k].shape[0], sd[k].shape[1])  # a linear proj_in (SD 2.x style)
+    sd[k] = torch.zeros(sd[k].shape[0], sd[k].shape[1])  # a linear proj_in (SD 2.x style) beside a 1x1-conv proj_out
     torch.save(sd, tmp_path / "odd.ckpt")
     rc, _, err = run_cli("convert", tmp_path / "odd.ckpt", "-o", tmp_path / "odd.h5")
-    assert rc == 2 and "proj_in.weight" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "proj_out.weight" in err and "linear projections" in err and len(err.strip().splitlines()) == 1
 
 
 def _flip_byte(path, group, key):

@@ -13,7 +13,8 @@ import torch
 from ..components import ParityError, entry
 
 
-def load_reference(component: str, checkpoint: str, *, num_heads: int | None = None):
+def load_reference(component: str, checkpoint: str, *, num_heads: int | None = None,
+                   num_head_channels: int | None = None):
     """The reference model with the checkpoint's weights, in fp32 on the CPU: (model, config, source format).
 
     Keys are read exactly as the converter reads them (same plan: prefix, EMA policy). The model is
@@ -23,7 +24,7 @@ def load_reference(component: str, checkpoint: str, *, num_heads: int | None = N
     from ...convert.detect import plan
 
     with open_checkpoint(checkpoint) as ckpt:
-        p = plan(ckpt, components={component}, num_heads=num_heads)
+        p = plan(ckpt, components={component}, num_heads=num_heads, num_head_channels=num_head_channels)
         if component not in p.components:
             raise ParityError(f"{checkpoint}: no {component} component in this checkpoint "
                               f"(it holds: {', '.join(p.components) or 'none'})")
