@@ -204,11 +204,17 @@ def inspect(file, as_json):
     for name, n in info["components"].items():
         click.echo(f"  {name:<11} {n:>5} keys")
     if info.get("configs"):
-        click.echo("  config (inferred from the tensors' shapes; the UNet's heads are not stored: --num-heads):")
+        click.echo("  config (inferred from the tensors' shapes; the UNet's heads are not stored: --num-heads, "
+                   "--num-head-channels):")
     for name, cfg in (info.get("configs") or {}).items():
         click.echo(f"    {name:<11} {_config_text(cfg)}")
     if info.get("error"):
         click.echo(f"  unsupported: {info['error']}")
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in (info.get("ignored") or {}).items():
+        by_reason.setdefault(reason, []).append(key)
+    for reason, keys in by_reason.items():
+        click.echo(f"  ignored    {len(keys)} key(s), e.g. {keys[0]!r}: {reason}")
     if info.get("unknown_keys"):
         click.echo(f"  {len(info['unknown_keys'])} unknown keys, e.g. {info['unknown_keys'][:3]}")
     for w in info.get("warnings", []):
@@ -334,8 +340,8 @@ def export(h5, out, flat, force):
 # ---------------------------------------------------------------------------------------------
 
 
-def _token_record(tok, prompt: str) -> dict:
-    ids, cut = tok.framed(prompt)
+def _token_record(tok, prompt: str, pad: int | None = None) -> dict:
+    ids, cut = tok.framed(prompt) if pad is None else tok.framed(prompt, pad)
     body = tok.encode(prompt)
     return {"prompt": prompt, "ids": ids, "tokens": tok.tokens(ids), "prompt_tokens": len(body), "truncated": cut,
             "dropped": max(0, len(body) - 75), "dropped_text": tok.decode(body[75:])}
@@ -368,19 +374,23 @@ def _read_prompts(path: str) -> list[str]:
 @click.option("--file", "prompts_file", type=click.Path(dir_okay=False),
               help="PROMPTS.txt: one prompt per line; prints one JSON line per prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def tokenize(prompt, prompts_file, as_json):
-    """The 77 token ids SD v1's text encoder sees for PROMPT (start, at most 75 tokens, end, padding)."""
-    from .models.tokenizer import default_tokenizer
+@click.option("--pad", type=click.Choice(["end", "zero"]), default="end", show_default=True,
+              help="Padding after the end token: end (SD v1, transformers' CLIPTokenizer) or zero "
+                   "(SD 2.x, open_clip.tokenize).")
+def tokenize(prompt, prompts_file, as_json, pad):
+    """The 77 token ids the text encoder sees for PROMPT (start, at most 75 tokens, end, padding)."""
+    from .models.tokenizer import END, default_tokenizer
 
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either PROMPT or --file PROMPTS.txt")
     tok = default_tokenizer()
+    pad_id = END if pad == "end" else 0
     if prompts_file is not None:
         lines = _read_prompts(prompts_file)
         for line_no, line in enumerate(lines, 1):
-            click.echo(json.dumps({"line": line_no, **_token_record(tok, line)}, ensure_ascii=False))
+            click.echo(json.dumps({"line": line_no, **_token_record(tok, line, pad_id)}, ensure_ascii=False))
         return
-    rec = _token_record(tok, prompt)
+    rec = _token_record(tok, prompt, pad_id)
     if as_json:
         click.echo(json.dumps(rec, ensure_ascii=False))
         return

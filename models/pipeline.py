@@ -286,10 +286,11 @@ def steps_note(req: Request, mode: str = "txt2img") -> str | None:
 
 @torch.no_grad()
 def encode_text(models: Models, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> text encoder last hidden states [N, 77, D], float32 on the device."""
+    """Prompts -> text encoder hidden states [N, 77, D], float32 on the device."""
     tok = default_tokenizer()
-    ids = torch.tensor([tok(p) for p in prompts], dtype=torch.long, device=models.device)  # [N, 77]
     with models.use("text_model") as text:
+        pad = text.config.pad_id  # END for SD v1, 0 for SD 2.x
+        ids = torch.tensor([tok(p, pad) for p in prompts], dtype=torch.long, device=models.device)  # [N, 77]
         return text(ids).float()
 
 

@@ -139,10 +139,11 @@ class ReferencePipeline:
                  num_head_channels: int | None = None, components=P.NEEDS["txt2img"]):
         self.device = torch.device(device)
         self.parts: dict[str, torch.nn.Module] = {}
+        self.formats: dict[str, str] = {}  # component -> source format (which reference it is)
         for c in components:
             # the head layout is used by the sources whose heads no shape says
-            m, _, _ = load_reference(c, checkpoint, num_heads=num_heads, num_head_channels=num_head_channels)
-            self.parts[c] = m.to(self.device)
+            m, _, fmt = load_reference(c, checkpoint, num_heads=num_heads, num_head_channels=num_head_channels)
+            self.parts[c], self.formats[c] = m.to(self.device), fmt
         schedule, self.note = reference_schedule(checkpoint)
         self.model = StandIn(self.parts.get("unet"), schedule, self.device)
         self.scale_factor = REFERENCE_SCALE_FACTOR
@@ -153,8 +154,14 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [N, 77] -> last hidden states [N, 77, D] (FrozenCLIPEmbedder.forward after tokenizing)."""
-        return self.parts["text_model"](input_ids=ids.to(self.device)).last_hidden_state
+        """Token ids [N, 77] -> hidden states [N, 77, D] (FrozenCLIPEmbedder / FrozenOpenCLIPEmbedder.forward
+        after tokenizing)."""
+        from .components import entry
+        from .layers import first_tensor
+
+        out = entry("text_model").call_reference(self.parts["text_model"], {"ids": ids.to(self.device)},
+                                                 self.formats["text_model"])
+        return first_tensor(out)
 
     @torch.no_grad()
     def first_stage_encoding(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -443,8 +450,8 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         ref = ReferencePipeline(checkpoint, device=dev, num_heads=ucfg.num_heads,
                                 num_head_channels=ucfg.num_head_channels)
         notes = list(models.notes) + ([ref.note] if ref.note else [])
-        tok = default_tokenizer()
-        ids = torch.tensor([tok(negative), tok(prompt)], dtype=torch.long)  # [2, 77], uncond first
+        tok, pad = default_tokenizer(), models.config("text_model").pad_id  # END for SD v1, 0 for SD 2.x
+        ids = torch.tensor([tok(negative, pad), tok(prompt, pad)], dtype=torch.long)  # [2, 77], uncond first
         ref_uc, ref_c = ref.encode_ids(ids).float().chunk(2)
         nat_c, nat_uc = P.conditioning(models, req)
         conditioning = {"cond": compare(nat_c, ref_c)}
