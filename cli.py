@@ -175,14 +175,34 @@ def _config_text(cfg: dict) -> str:
                     for k, v in cfg.items())
 
 
+_CONFIG_OPTION = click.option(
+    "--config", type=click.Path(dir_okay=False), default=None,
+    help="The checkpoint's ldm inference yaml (default: NAME.yaml beside NAME.ckpt, when there is one).")
+_PREDICTION_OPTION = click.option(
+    "--prediction", type=click.Choice(["eps", "v"]), default=None,
+    help="What the UNet predicts (no weight says it): overrides the yaml; eps is assumed without either.")
+
+
+def _echo_settings(settings) -> None:
+    """What no shape says, each with its source (shapes / yaml / flag / assumed)."""
+    if not isinstance(settings, dict) or not settings:
+        return
+    click.echo("  settings (value, source, why):")
+    for name, s in settings.items():
+        if isinstance(s, dict):
+            click.echo(f"  - {name:<31} {json.dumps(s.get('value'))}  [{s.get('source')}] {s.get('why')}")
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def inspect(file, as_json):
+@_CONFIG_OPTION
+@_PREDICTION_OPTION
+def inspect(file, as_json, config, prediction):
     """What is inside FILE: a checkpoint (.ckpt/.pt/.bin/.safetensors) or an sdport .h5."""
     from .convert.inspect import inspect as run
 
-    info = run(file)
+    info = run(file, config, prediction)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -195,6 +215,7 @@ def inspect(file, as_json):
         for name, c in info["components"].items():
             if c.get("config"):
                 click.echo(f"    {name:<11} {_config_text(c['config'])}")
+        _echo_settings(info.get("settings"))
         return
     click.echo(f"{file}: {info['container']} ({info['wrapper']}), {info['tensors']} tensors, "
                f"{_human_bytes(info['bytes'])}, dtypes {info['dtypes']}")
@@ -208,6 +229,7 @@ def inspect(file, as_json):
                    "--num-head-channels):")
     for name, cfg in (info.get("configs") or {}).items():
         click.echo(f"    {name:<11} {_config_text(cfg)}")
+    _echo_settings(info.get("settings"))
     if info.get("error"):
         click.echo(f"  unsupported: {info['error']}")
     by_reason: dict[str, list[str]] = {}
@@ -282,14 +304,17 @@ def _components_option(value):
               help="Store Linear/Conv2d weights as int8 with per-output-channel scales (not exportable).")
 @click.option("--quantize-components", default="unet", show_default=True,
               help="Comma-separated components --quantize applies to.")
+@_CONFIG_OPTION
+@_PREDICTION_OPTION
 def convert(src, out, components, dtype, ema, num_heads, num_head_channels, strict, force, compress, quantize,
-            quantize_components):
+            quantize_components, config, prediction):
     """Convert a CompVis checkpoint (or a CLIP ViT state dict) to the sdport HDF5 layout."""
     from .convert.convert import convert as run
 
     with _progress("converting", "tensor") as bar:  # the total comes with the first update
         s = run(src, out, components=_components_option(components), dtype=dtype, ema=ema, strict=strict,
-                force=force, num_heads=num_heads, num_head_channels=num_head_channels,
+                force=force, num_heads=num_heads, num_head_channels=num_head_channels, config=config,
+                prediction=prediction,
                 compression="gzip" if compress else None, progress=bar.update,
                 quantize=quantize, quantize_components=_components_option(quantize_components))
     p = s.plan

@@ -224,8 +224,22 @@ def unet_mode(models: Models) -> str:
                       f"expected {u.out_channels} (plain) or {2 * u.out_channels + 1} (inpainting)")
 
 
+def prediction(models: Models) -> str:
+    """What the UNet predicts, as the layout records it (layouts without the record: eps)."""
+    settings = models.reader.attrs.get("settings")
+    p = settings.get("prediction") if isinstance(settings, dict) else None
+    value = p.get("value") if isinstance(p, dict) else "eps"
+    if value not in ("eps", "v"):
+        raise LayoutError(f"{models.path}: settings.prediction is {str(value)[:20]!r}; expected eps or v")
+    return value
+
+
 def check_request(models: Models, req: Request, mode: str) -> None:
     models.require(mode)
+    if prediction(models) != "eps":
+        # sampling a v model as if it predicted eps gives wrong images: refuse rather than guess
+        raise SdportError(f"{models.path}: a v-prediction UNet (the layout's settings.prediction); the native "
+                          "samplers run eps-prediction models only")
     u, t, d = models.config("unet"), models.config("text_model"), models.config("decoder")
     if t.hidden != u.context_dim:
         raise LayoutError(f"{models.path}: the text encoder's width {t.hidden} does not match the UNet's "
