@@ -530,7 +530,7 @@ def txt2img(model, prompt, out, negative, steps, spacing, seed, eta, dtype, devi
                          attention_chunk=attention_chunk) as models:
         models.require("txt2img")
         if height is None or width is None:
-            side = models.config("unet").sample_size * models.config("decoder").downscale
+            side = pipeline.trained_size(models)
             height, width = height or width or side, width or height or side
         req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed,
                                sampler=sampler, eta=eta, height=height, width=width, spacing=spacing)

@@ -35,6 +35,7 @@ from .samplers import (
     SPACINGS,
     Schedule,
     cfg_denoiser,
+    v_to_eps,
     ddim_timesteps,
     linear_schedule,
     sample_ddim,
@@ -234,12 +235,19 @@ def prediction(models: Models) -> str:
     return value
 
 
+def trained_size(models: Models) -> int:
+    """The image side the model was trained at. No checkpoint or yaml says it (the 2.x yamls all say
+    image_size: 64, which ldm never uses), so by convention: 768 for a full-width v-prediction UNet
+    (SD 2.x 768-v, 2.1-v), else the UNet's sample size through the VAE (512 for SD v1 and 2.x base)."""
+    u, f = models.config("unet"), models.config("decoder").downscale
+    if prediction(models) == "v" and u.model_channels >= 320:
+        return 96 * f
+    return u.sample_size * f
+
+
 def check_request(models: Models, req: Request, mode: str) -> None:
     models.require(mode)
-    if prediction(models) != "eps":
-        # sampling a v model as if it predicted eps gives wrong images: refuse rather than guess
-        raise SdportError(f"{models.path}: a v-prediction UNet (the layout's settings.prediction); the native "
-                          "samplers run eps-prediction models only")
+    prediction(models)  # a malformed record is refused before any work
     u, t, d = models.config("unet"), models.config("text_model"), models.config("decoder")
     if t.hidden != u.context_dim:
         raise LayoutError(f"{models.path}: the text encoder's width {t.hidden} does not match the UNet's "
@@ -350,6 +358,12 @@ def unet_fn(unet: torch.nn.Module, concat: Optional[torch.Tensor] = None):
     return call
 
 
+def guided(models: Models, unet_call, cond, uncond, scale: float):
+    """The guided denoiser the samplers step with: eps, converted from v for a v-prediction UNet."""
+    denoiser = cfg_denoiser(unet_call, cond, uncond, scale)
+    return v_to_eps(denoiser, models.schedule) if prediction(models) == "v" else denoiser
+
+
 def _sample(req: Request, denoiser, x_T, schedule, generator, mask=None, x0=None):
     if req.sampler == "plms":
         return sample_plms(denoiser, x_T, schedule, req.steps, generator=generator, mask=mask, x0=x0,
@@ -377,7 +391,7 @@ def txt2img(models: Models, req: Request, x_T: Optional[torch.Tensor] = None) ->
         x_T = _noise((1, models.config("unet").out_channels, h, w), gen, models.device)
     cond, uncond = conditioning(models, req)
     with models.use("unet") as unet:
-        denoiser = cfg_denoiser(unet_fn(unet), cond, uncond, req.scale)
+        denoiser = guided(models, unet_fn(unet), cond, uncond, req.scale)
         yield from _sample(req, denoiser, x_T.to(models.device, torch.float32), models.schedule, gen)
 
 
@@ -391,7 +405,7 @@ def img2img(models: Models, req: Request, init: torch.Tensor) -> Iterator[torch.
     cond, uncond = conditioning(models, req)
     x0 = encode_image(models, init, gen)
     with models.use("unet") as unet:
-        denoiser = cfg_denoiser(unet_fn(unet), cond, uncond, req.scale)
+        denoiser = guided(models, unet_fn(unet), cond, uncond, req.scale)
         yield from sample_img2img(denoiser, x0, models.schedule, req.steps, req.strength, eta=req.eta,
                                   generator=gen, spacing=req.spacing)
 
@@ -436,7 +450,7 @@ def inpaint(models: Models, req: Request, init: torch.Tensor, repaint: torch.Ten
         x_T = _noise((1, channels, h, w), gen, models.device) if x_T is None else x_T.to(models.device)
         n = total_steps(req)
         with models.use("unet") as unet:
-            denoiser = cfg_denoiser(unet_fn(unet), cond, uncond, req.scale)
+            denoiser = guided(models, unet_fn(unet), cond, uncond, req.scale)
             for i, x in enumerate(_sample(req, denoiser, x_T, models.schedule, gen, mask=keep, x0=x0)):
                 # ldm re-imposes the known region before each step only; after the last one, once more
                 yield keep * x0 + (1.0 - keep) * x if i == n - 1 else x
@@ -446,7 +460,7 @@ def inpaint(models: Models, req: Request, init: torch.Tensor, repaint: torch.Ten
     concat = torch.cat([F.interpolate(mask, size=(h, w)).to(models.device), masked_latent], dim=1)  # [1, 5, h, w]
     x_T = _noise((1, channels, h, w), gen, models.device) if x_T is None else x_T.to(models.device)
     with models.use("unet") as unet:
-        denoiser = cfg_denoiser(unet_fn(unet, concat), cond, uncond, req.scale)
+        denoiser = guided(models, unet_fn(unet, concat), cond, uncond, req.scale)
         yield from _sample(req, denoiser, x_T, models.schedule, gen)
 
 

@@ -110,7 +110,7 @@ class StandIn:
     (conditioning_key 'crossattn' for a tensor, 'hybrid' for a dict). `on_call(x, t, c, out)`, when set,
     sees every UNet call."""
 
-    parameterization = "eps"
+    parameterization = "eps"  # "v" for a v-prediction UNet: ldm's DDIMSampler then converts v with the two below
 
     def __init__(self, unet, schedule: dict[str, torch.Tensor], device=torch.device("cpu")):
         for k, v in schedule.items():
@@ -119,6 +119,16 @@ class StandIn:
         self.device = torch.device(device)
         self.unet = unet
         self.on_call = None
+
+    def predict_eps_from_z_and_v(self, x_t, t, v):  # LatentDiffusion's (ldm.models.diffusion.ddpm)
+        from ldm.modules.diffusionmodules.util import extract_into_tensor
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
+
+    def predict_start_from_z_and_v(self, x_t, t, v):
+        from ldm.modules.diffusionmodules.util import extract_into_tensor
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
 
     def apply_model(self, x, t, c):
         if isinstance(c, dict):  # hybrid: xc = cat([x] + c_concat), context = cat(c_crossattn)
@@ -441,6 +451,9 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         req = P.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
                         eta=eta, height=height, width=width, spacing=spacing)
         P.check_request(models, req, "txt2img")  # the native pipeline's own checks, before any work
+        if P.prediction(models) == "v" and sampler == "plms":
+            raise ParityError(f"{h5}: a v-prediction UNet; ldm's PLMSSampler steps with v as if it were eps, so "
+                              "it is no reference for it: use --sampler ddim (the native PLMS converts v to eps)")
         h, w = P.check_size(models, height, width, "--")
         n = P.total_steps(req)
         chosen = _layer_steps(layer_steps, n)
@@ -449,6 +462,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
 
         ref = ReferencePipeline(checkpoint, device=dev, num_heads=ucfg.num_heads,
                                 num_head_channels=ucfg.num_head_channels)
+        ref.model.parameterization = P.prediction(models)  # what ldm's DDIMSampler reads
         notes = list(models.notes) + ([ref.note] if ref.note else [])
         tok, pad = default_tokenizer(), models.config("text_model").pad_id  # END for SD v1, 0 for SD 2.x
         ids = torch.tensor([tok(negative, pad), tok(prompt, pad)], dtype=torch.long)  # [2, 77], uncond first

@@ -58,9 +58,13 @@ def test_yaml_beside_the_checkpoint_is_honoured(v2, tmp_path):
     assert s["unet.context_dim"]["source"] == "shapes" and "m.yaml" in s["unet.context_dim"]["why"]
     rc, out, _ = run_cli("inspect", tmp_path / "m.h5")
     assert rc == 0 and '- prediction                      "v"  [yaml] m.yaml: model.params.parameterization' in out
-    # a v model is refused by the pipelines until the samplers convert v to eps
+    # the pipelines sample it as a v model; parity refuses ldm's PLMS as its reference (it treats v as eps)
     rc, _, err = run_cli("txt2img", tmp_path / "m.h5", "a cube", "-o", tmp_path / "o.png", "--steps", "2")
-    assert rc == 2 and "v-prediction" in err and len(err.strip().splitlines()) == 1
+    assert rc == 0, err
+    rc, _, err = run_cli("parity", "txt2img", v2, "--h5", tmp_path / "m.h5", "--prompt", "a cube", "--sampler", "plms",
+                         "--steps", "2",
+                         "--out", tmp_path / "rep")
+    assert rc == 2 and "PLMSSampler" in err and "--sampler ddim" in err and len(err.strip().splitlines()) == 1
 
 
 def test_config_option_and_prediction_flag(v2, tmp_path):

@@ -249,6 +249,25 @@ def test_v2_inpainting_model_matches_reference_pipeline(variants, converted):
                                                      Reference2(variants["v2_inpaint"]))
 
 
+@pytest.fixture(scope="module")
+def v_model(variants, tmp_path_factory):
+    """The 2.x fixture converted as a v-prediction model (--prediction v), and its reference read as one."""
+    h5 = convert(variants["v2"], str(tmp_path_factory.mktemp("v") / "v.h5"), prediction="v").out
+    ref = Reference2(variants["v2"])
+    ref.model.parameterization = "v"  # what ldm's DDIMSampler reads
+    with P.Models(h5) as m:
+        assert P.prediction(m) == "v"
+        yield m, ref
+
+
+def test_v_model_txt2img_ddim_matches_reference_pipeline(v_model):
+    test_txt2img_matches_reference_pipeline(*v_model, "ddim", (16, 24))
+
+
+def test_v_model_img2img_matches_reference_pipeline(v_model, monkeypatch):
+    test_img2img_matches_reference_pipeline(*v_model, monkeypatch, 0.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Inpainting with a plain model
 # ---------------------------------------------------------------------------------------------
