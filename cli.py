@@ -175,14 +175,34 @@ def _config_text(cfg: dict) -> str:
                     for k, v in cfg.items())
 
 
+_CONFIG_OPTION = click.option(
+    "--config", type=click.Path(dir_okay=False), default=None,
+    help="The checkpoint's ldm inference yaml (default: NAME.yaml beside NAME.ckpt, when there is one).")
+_PREDICTION_OPTION = click.option(
+    "--prediction", type=click.Choice(["eps", "v"]), default=None,
+    help="What the UNet predicts (no weight says it): overrides the yaml; eps is assumed without either.")
+
+
+def _echo_settings(settings) -> None:
+    """What no shape says, each with its source (shapes / yaml / flag / assumed)."""
+    if not isinstance(settings, dict) or not settings:
+        return
+    click.echo("  settings (value, source, why):")
+    for name, s in settings.items():
+        if isinstance(s, dict):
+            click.echo(f"  - {name:<31} {json.dumps(s.get('value'))}  [{s.get('source')}] {s.get('why')}")
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=True))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def inspect(file, as_json):
+@_CONFIG_OPTION
+@_PREDICTION_OPTION
+def inspect(file, as_json, config, prediction):
     """What is inside FILE: a checkpoint (.ckpt/.pt/.bin/.safetensors) or an sdport .h5."""
     from .convert.inspect import inspect as run
 
-    info = run(file)
+    info = run(file, config, prediction)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -195,6 +215,7 @@ def inspect(file, as_json):
         for name, c in info["components"].items():
             if c.get("config"):
                 click.echo(f"    {name:<11} {_config_text(c['config'])}")
+        _echo_settings(info.get("settings"))
         return
     click.echo(f"{file}: {info['container']} ({info['wrapper']}), {info['tensors']} tensors, "
                f"{_human_bytes(info['bytes'])}, dtypes {info['dtypes']}")
@@ -204,11 +225,18 @@ def inspect(file, as_json):
     for name, n in info["components"].items():
         click.echo(f"  {name:<11} {n:>5} keys")
     if info.get("configs"):
-        click.echo("  config (inferred from the tensors' shapes; the UNet's heads are not stored: --num-heads):")
+        click.echo("  config (inferred from the tensors' shapes; the UNet's heads are not stored: --num-heads, "
+                   "--num-head-channels):")
     for name, cfg in (info.get("configs") or {}).items():
         click.echo(f"    {name:<11} {_config_text(cfg)}")
+    _echo_settings(info.get("settings"))
     if info.get("error"):
         click.echo(f"  unsupported: {info['error']}")
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in (info.get("ignored") or {}).items():
+        by_reason.setdefault(reason, []).append(key)
+    for reason, keys in by_reason.items():
+        click.echo(f"  ignored    {len(keys)} key(s), e.g. {keys[0]!r}: {reason}")
     if info.get("unknown_keys"):
         click.echo(f"  {len(info['unknown_keys'])} unknown keys, e.g. {info['unknown_keys'][:3]}")
     for w in info.get("warnings", []):
@@ -265,7 +293,10 @@ def _components_option(value):
 @click.option("--dtype", type=click.Choice(["keep", *DTYPES]), default="keep", show_default=True)
 @click.option("--ema", type=click.Choice(["auto", "use", "ignore"]), default="auto", show_default=True,
               help="auto: model.diffusion_model.* as CompVis inference does; use: the EMA copy; ignore: never read it.")
-@click.option("--num-heads", type=click.IntRange(min=1), default=None, help="UNet attention heads (not stored in checkpoints).")
+@click.option("--num-heads", type=click.IntRange(min=1), default=None,
+              help="UNet attention heads, the same at every level (not stored in checkpoints).")
+@click.option("--num-head-channels", type=click.IntRange(min=1), default=None,
+              help="UNet attention head width instead: heads = width // N per level (SD 2.x: 64).")
 @click.option("--strict", is_flag=True, help="Fail on keys that belong to no known component.")
 @click.option("--force", is_flag=True, help="Overwrite the destination.")
 @click.option("--compress", is_flag=True, help="gzip the datasets (smaller, no memory-mapped loading).")
@@ -273,13 +304,18 @@ def _components_option(value):
               help="Store Linear/Conv2d weights as int8 with per-output-channel scales (not exportable).")
 @click.option("--quantize-components", default="unet", show_default=True,
               help="Comma-separated components --quantize applies to.")
-def convert(src, out, components, dtype, ema, num_heads, strict, force, compress, quantize, quantize_components):
+@_CONFIG_OPTION
+@_PREDICTION_OPTION
+def convert(src, out, components, dtype, ema, num_heads, num_head_channels, strict, force, compress, quantize,
+            quantize_components, config, prediction):
     """Convert a CompVis checkpoint (or a CLIP ViT state dict) to the sdport HDF5 layout."""
     from .convert.convert import convert as run
 
     with _progress("converting", "tensor") as bar:  # the total comes with the first update
         s = run(src, out, components=_components_option(components), dtype=dtype, ema=ema, strict=strict,
-                force=force, num_heads=num_heads, compression="gzip" if compress else None, progress=bar.update,
+                force=force, num_heads=num_heads, num_head_channels=num_head_channels, config=config,
+                prediction=prediction,
+                compression="gzip" if compress else None, progress=bar.update,
                 quantize=quantize, quantize_components=_components_option(quantize_components))
     p = s.plan
     click.echo(f"wrote {out}: {p.family} {p.variant}, {_human_bytes(s.bytes_written)}")
@@ -329,8 +365,8 @@ def export(h5, out, flat, force):
 # ---------------------------------------------------------------------------------------------
 
 
-def _token_record(tok, prompt: str) -> dict:
-    ids, cut = tok.framed(prompt)
+def _token_record(tok, prompt: str, pad: int | None = None) -> dict:
+    ids, cut = tok.framed(prompt) if pad is None else tok.framed(prompt, pad)
     body = tok.encode(prompt)
     return {"prompt": prompt, "ids": ids, "tokens": tok.tokens(ids), "prompt_tokens": len(body), "truncated": cut,
             "dropped": max(0, len(body) - 75), "dropped_text": tok.decode(body[75:])}
@@ -363,19 +399,23 @@ def _read_prompts(path: str) -> list[str]:
 @click.option("--file", "prompts_file", type=click.Path(dir_okay=False),
               help="PROMPTS.txt: one prompt per line; prints one JSON line per prompt.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def tokenize(prompt, prompts_file, as_json):
-    """The 77 token ids SD v1's text encoder sees for PROMPT (start, at most 75 tokens, end, padding)."""
-    from .models.tokenizer import default_tokenizer
+@click.option("--pad", type=click.Choice(["end", "zero"]), default="end", show_default=True,
+              help="Padding after the end token: end (SD v1, transformers' CLIPTokenizer) or zero "
+                   "(SD 2.x, open_clip.tokenize).")
+def tokenize(prompt, prompts_file, as_json, pad):
+    """The 77 token ids the text encoder sees for PROMPT (start, at most 75 tokens, end, padding)."""
+    from .models.tokenizer import END, default_tokenizer
 
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give either PROMPT or --file PROMPTS.txt")
     tok = default_tokenizer()
+    pad_id = END if pad == "end" else 0
     if prompts_file is not None:
         lines = _read_prompts(prompts_file)
         for line_no, line in enumerate(lines, 1):
-            click.echo(json.dumps({"line": line_no, **_token_record(tok, line)}, ensure_ascii=False))
+            click.echo(json.dumps({"line": line_no, **_token_record(tok, line, pad_id)}, ensure_ascii=False))
         return
-    rec = _token_record(tok, prompt)
+    rec = _token_record(tok, prompt, pad_id)
     if as_json:
         click.echo(json.dumps(rec, ensure_ascii=False))
         return
@@ -490,7 +530,7 @@ def txt2img(model, prompt, out, negative, steps, spacing, seed, eta, dtype, devi
                          attention_chunk=attention_chunk) as models:
         models.require("txt2img")
         if height is None or width is None:
-            side = models.config("unet").sample_size * models.config("decoder").downscale
+            side = pipeline.trained_size(models)
             height, width = height or width or side, width or height or side
         req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed,
                                sampler=sampler, eta=eta, height=height, width=width, spacing=spacing)

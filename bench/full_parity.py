@@ -1,10 +1,12 @@
 """Full-size parity per component on the CPU: build (if needed), convert, then native vs reference.
 
     python bench/full_parity.py [--ckpt PATH] [--components unet,decoder,encoder,text_model] [--json OUT]
+    python bench/full_parity.py --generation v2 --components unet,text_model   # SD 2.x at full size
 
 Each component is loaded from the converted .h5 and compared, fp32, on seeded inputs with the
 reference: UNet vs ldm UNetModel, VAE encoder/decoder vs ldm Encoder/Decoder (+ quant convs), text
-encoder vs transformers CLIPTextModel. One component in memory at a time. Gate: rel_l2 <= 1e-5.
+encoder vs transformers CLIPTextModel (SD v1) or FrozenOpenCLIPEmbedder's computation on open_clip's
+text tower (SD 2.x, parity/reference/openclip.py). One component in memory at a time. Gate: rel_l2 <= 1e-5.
 """
 from __future__ import annotations
 
@@ -62,6 +64,17 @@ def compare(comp: str, ckpt: str, h5: str) -> dict:
             img = torch.rand(1, 3, 512, 512, generator=g) * 2 - 1
             (m, lv), (rm, rlv) = native(img), ref.encode(img)
             outs = [(m, rm), (lv, rlv)]
+    elif comp == "text_model" and native.config.activation == "gelu":  # SD 2.x: OpenCLIP ViT-H/14
+        from sdport.models.tokenizer import default_tokenizer
+        from sdport.parity.reference.openclip import build_text_reference as build_openclip
+
+        ref = build_openclip(native.config)
+        missing, unexpected = ref.load_state_dict(_sd(ckpt, "cond_stage_model.model."), strict=False)
+        if missing or set(unexpected) != {"text_projection", "logit_scale"}:
+            raise SystemExit(f"text reference keys do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        tok = default_tokenizer()
+        ids = torch.tensor([tok("", 0), tok("a photograph of an astronaut riding a horse", 0)])
+        outs = [(native(ids), ref(ids))]
     elif comp == "text_model":
         from sdport.parity.reference.clip import build_text_reference
 
@@ -86,14 +99,20 @@ def compare(comp: str, ckpt: str, h5: str) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", default=common.FULL_CKPT)
+    ap.add_argument("--ckpt", default=None, help="default: the full SD v1 (or, --generation v2, 2.x) fixture")
+    ap.add_argument("--generation", choices=["v1", "v2"], default="v1")
     ap.add_argument("--components", default="unet,decoder,encoder,text_model")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    variant = "v2" if a.generation == "v2" else "lightning"
+    if a.ckpt is None:
+        from sdport.fixtures.build import FILENAMES
+
+        a.ckpt = os.path.join(os.path.dirname(common.FULL_CKPT), FILENAMES[variant].replace("tiny", "full"))
     if not os.path.exists(a.ckpt):
         from sdport.fixtures.build import build_variant
 
-        build_variant("lightning", os.path.dirname(a.ckpt), "full")
+        build_variant(variant, os.path.dirname(a.ckpt), "full")
     h5 = common.h5_for(a.ckpt)
     rows = []
     for comp in a.components.split(","):

@@ -19,7 +19,7 @@ from ..models.storage import partial as partials
 from ..models.errors import LayoutError, SdportError
 from ..models.storage.layout import MAX_SCHEDULE, SCHEDULE, LayoutReader, file_sha256
 from .checkpoint import open_checkpoint
-from ..models.vae import LATENT_SCALE_SD_V1
+from . import model_yaml
 from .detect import Plan, plan
 from .table import Row, forward, inverse
 from .writer import LayoutWriter
@@ -85,6 +85,7 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: str = "auto",
             strict: bool = False, force: bool = False, num_heads: int | None = None,
+            num_head_channels: int | None = None, config: str | None = None, prediction: str | None = None,
             compression: str | None = None, progress=None, quantize: str | None = None,
             quantize_components=QUANTIZE_DEFAULT) -> Summary:
     """Convert `src` to `out`. `progress(n, total)` is called with the number of tensors done so far.
@@ -98,8 +99,10 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
         raise SdportError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
     cast = CAST[dtype]
     _not_the_input(src, out)
+    given = model_yaml.for_checkpoint(src, config)  # the checkpoint's own yaml, read before anything is written
     with open_checkpoint(src) as ckpt:
-        p = plan(ckpt, components=components, ema=ema, num_heads=num_heads)
+        p = plan(ckpt, components=components, ema=ema, num_heads=num_heads, num_head_channels=num_head_channels,
+                 yaml_settings=given, prediction=prediction)
         if strict and p.unknown:
             raise SdportError(f"{src}: {len(p.unknown)} unknown key(s) under --strict, first '{p.unknown[0]}'")
         if not p.components:
@@ -118,6 +121,7 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
             "variant_evidence": p.evidence,
             "ema": p.ema,
             "dtype_policy": dtype,
+            "settings": p.settings,
         }
         qkeys = _quantized_keys(p, quantize_components) if quantize else {}
         if quantize:
@@ -160,7 +164,7 @@ def convert(src: str, out: str, *, components=None, dtype: str = "keep", ema: st
                 p.ema["differs"] = _ema_differs(ckpt, p)
                 w.set_attr("ema", p.ema)
             if p.schedule:
-                w.group(SCHEDULE, attrs={"latent_scale": LATENT_SCALE_SD_V1})
+                w.group(SCHEDULE, attrs={"latent_scale": p.settings["scale_factor"]["value"]})
                 for k in p.schedule:
                     if ckpt.infos[k].numel > MAX_SCHEDULE:  # checked before reading: nothing else bounds them
                         raise SdportError(f"{src}: schedule buffer '{k}' claims {ckpt.infos[k].numel} elements "

@@ -5,6 +5,7 @@ noise schedule, a deliberately ignored key (with the reason), or the list of unk
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -13,7 +14,9 @@ import torch
 from ..models import load as native
 from ..models.config import to_dict
 from ..models.errors import SdportError
-from . import unet
+from ..models.vae import LATENT_SCALE_SD_V1
+from . import model_yaml, unet
+from .model_yaml import setting
 from .sources import SOURCES, TEXT_TO_IMAGE, Source, source
 from .table import Row, UnsupportedCheckpoint, invert
 
@@ -30,6 +33,8 @@ IGNORED_GLOBAL = [
     (r"^model_ema\.(decay|num_updates)$", "EMA bookkeeping (decay rate, update count)"),
     (r"^logvar$", "per-timestep log-variance used only by the training loss"),
     (r"^lvlb_weights$", "variational-bound loss weights, training only"),
+    (r"^depth_model\.", "the MiDaS (DPT-Hybrid) depth estimator of the SD 2.x depth model: it turns the input "
+                        "image into the UNet's depth channel; not a diffusion component, not converted"),
 ]
 
 
@@ -58,11 +63,13 @@ class Plan:
     evidence: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # one line each, for the user
     ema: dict = field(default_factory=dict)
+    # what no shape says (and what the yaml confirmed), each with its source: model_yaml.setting
+    settings: dict = field(default_factory=dict)
 
     @property
     def family(self) -> str:
-        families = [c.source.family for c in self.components.values()]
-        return "sd-v1" if "sd-v1" in families else (families[0] if families else "unknown")
+        families = [c.source.family_of(c.config) for c in self.components.values()]
+        return next((f for f in ("sd-v2", "sd-v1") if f in families), families[0] if families else "unknown")
 
     @property
     def variant(self) -> str:
@@ -71,7 +78,7 @@ class Plan:
             if self.family == "clip-vit":
                 return "image-encoder"
             return "partial" if self.components else "none"
-        return "inpainting" if u.config.in_channels == 9 else "txt2img"
+        return unet.VARIANTS[u.config.in_channels]
 
 
 def ema_key(rel: str) -> str:
@@ -98,8 +105,20 @@ def _ignored(patterns, rel: str):
     return None
 
 
-def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = None) -> Plan:
-    """Map every key of `ckpt` (a convert.checkpoint.Checkpoint) to a destination."""
+def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = None,
+         num_head_channels: int | None = None, yaml_settings: dict | None = None,
+         prediction: str | None = None) -> Plan:
+    """Map every key of `ckpt` (a convert.checkpoint.Checkpoint) to a destination. `num_heads` /
+    `num_head_channels` set the head layout of the sources whose shapes do not say it (the UNet);
+    `yaml_settings` (model_yaml.settings of the checkpoint's yaml) and `prediction` (a flag) settle
+    what no shape says, and `Plan.settings` records each value with its source."""
+    yaml_settings = yaml_settings or {}
+    heads = {k: v for k, v in (("num_heads", num_heads), ("num_head_channels", num_head_channels)) if v is not None}
+    heads_source = "flag" if heads else None
+    if not heads:
+        heads = {k: yaml_settings[f"unet.{k}"]["value"] for k in ("num_heads", "num_head_channels")
+                 if f"unet.{k}" in yaml_settings}
+        heads_source = "yaml" if heads else None
     infos = ckpt.infos
     out = Plan()
     claimed: set[str] = set()
@@ -124,7 +143,7 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
         if src.ema and not rel:
             rel = _ema_rel_shapes(infos)  # an EMA-only checkpoint
         try:
-            config = infer(rel, num_heads=num_heads) if src.num_heads and num_heads else infer(rel)
+            config = infer(rel, **heads) if src.num_heads and heads else infer(rel)
         except UnsupportedCheckpoint as e:
             raise UnsupportedCheckpoint(f"{ckpt.path}: {e}") from None
         rows = rows_of(config)
@@ -179,6 +198,7 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
                 out.unknown.append(k)
         else:
             out.unknown.append(k)
+    out.settings = _settings(ckpt.path, out, yaml_settings, heads_source, prediction)
     for denoiser, vae_halves, text, title, others in TEXT_TO_IMAGE:
         if denoiser in found and found & set(vae_halves) and text not in found:
             root = source(text).prefixes[0].split(".")[0] + "."  # where its keys would have been
@@ -190,11 +210,53 @@ def plan(ckpt, *, components=None, ema: str = "auto", num_heads: int | None = No
     return out
 
 
+def _settings(path: str, p: Plan, given: dict, heads_source: str | None, prediction: str | None) -> dict:
+    """The values no shape says, each with its source; the yaml's values that shapes do say must agree."""
+    out = {}
+    where = next((s["why"].partition(":")[0] for s in given.values()), "the yaml")
+    if prediction is not None:
+        out["prediction"] = setting(prediction, "flag", "--prediction")
+    elif "prediction" in given:
+        out["prediction"] = given["prediction"]
+    elif "unet" in p.components:
+        out["prediction"] = setting("eps", "assumed", "the weights do not say (SD 2.x 512-base and 768-v have the "
+                                    "same shapes): eps, as SD v1 and 2.x base; pass --prediction v or the yaml")
+    out["scale_factor"] = given.get("scale_factor") or setting(
+        LATENT_SCALE_SD_V1, "assumed", "no yaml: SD v1's and 2.x's scale_factor")
+    u = p.components.get("unet")
+    if u is not None:
+        c = u.config
+        for k in ("context_dim", "use_linear_in_transformer"):
+            g = given.get(f"unet.{k}")
+            if g is not None and g["value"] != getattr(c, k):
+                raise SdportError(f"{path}: {g['why']} is {g['value']!r}, but the checkpoint's shapes say "
+                                  f"{getattr(c, k)!r}; expected the checkpoint's own yaml")
+            out[f"unet.{k}"] = setting(getattr(c, k), "shapes", "UNet tensor shapes"
+                                       + (f" (and {g['why']})" if g is not None else ""))
+        layout = {"num_head_channels": c.num_head_channels} if c.num_head_channels else {"num_heads": c.num_heads}
+        why = {"flag": "--num-heads / --num-head-channels", "yaml": f"{where}: unet_config.params",
+               None: "no shape says it: the preset rule (SD v1 layouts 8 heads, SD 2.x layouts 64-wide heads)"}
+        out["unet.heads"] = setting(layout, heads_source or "assumed", why[heads_source])
+    t = p.components.get("text_model")
+    if t is not None:
+        enc = given.get("text_model.encoder")
+        if enc is not None and model_yaml.TEXT_ENCODERS[enc["value"]] != t.source_format:
+            raise SdportError(f"{path}: {enc['why']} is {enc['value']}, but the checkpoint holds a "
+                              f"{t.source_format} text encoder; expected the checkpoint's own yaml")
+        layer = given.get("text_model.layer")
+        if layer is not None and layer["value"] != t.config.layer:
+            t.config = dataclasses.replace(t.config, layer=layer["value"])
+        out["text_model.layer"] = layer or setting(
+            t.config.layer, "assumed", "no yaml: every SD 2.x yaml says penultimate" if t.source_format == "openclip"
+            else "SD v1's FrozenCLIPEmbedder returns the last layer")
+    return out
+
+
 def _ema_rel_shapes(infos) -> dict[str, tuple]:
     """UNet shapes read from an EMA-only checkpoint. EMA names have lost their dots, so they are
-    matched against the names the supported topologies (SD v1 and the tiny preset) would have."""
+    matched against the names the supported topologies (SD v1, 2.x and the tiny presets) would have."""
     names = {}
-    for cfg in (unet.UNetConfig.sd_v1(), unet.UNetConfig.tiny()):
+    for cfg in (unet.UNetConfig.sd_v1(), unet.UNetConfig.tiny(), unet.UNetConfig.sd_v2(), unet.UNetConfig.tiny_v2()):
         for r in unet.rows(cfg):
             for s in r.sources:
                 names[ema_key(s)] = s

@@ -5,6 +5,7 @@ from collections import Counter
 
 from ..models.errors import SdportError
 from ..models.storage.layout import SCHEDULE, LayoutReader
+from . import model_yaml
 from .checkpoint import open_checkpoint, sniff
 from .detect import EMA_PREFIX, SCHEDULE_KEYS, plan
 from .sources import SOURCES, key_prefixes
@@ -23,7 +24,8 @@ def _component_of(key: str) -> str | None:
     return None
 
 
-def inspect_checkpoint(path: str) -> dict:
+def inspect_checkpoint(path: str, config: str | None = None, prediction: str | None = None) -> dict:
+    given = model_yaml.for_checkpoint(path, config)
     with open_checkpoint(path) as ck:
         dtypes = Counter(str(i.dtype).replace("torch.", "") for i in ck.infos.values())
         by_comp = Counter(_component_of(k) or "unknown" for k in ck.infos)
@@ -44,8 +46,9 @@ def inspect_checkpoint(path: str) -> dict:
             if s.evidence and s.prefixes[0] + s.evidence in ck.infos:
                 info[f"{s.component}_in_channels"] = list(ck.infos[s.prefixes[0] + s.evidence].shape)[1]
         try:
-            p = plan(ck)
+            p = plan(ck, yaml_settings=given, prediction=prediction)
             info["family"], info["variant"] = p.family, p.variant
+            info["settings"] = p.settings
             info["evidence"] = p.evidence
             info["configs"] = {n: c.config_dict for n, c in p.components.items()}
             info["ignored"] = p.ignored
@@ -73,5 +76,10 @@ def inspect_layout(path: str) -> dict:
     return out
 
 
-def inspect(path: str) -> dict:
-    return inspect_layout(path) if sniff(path) == "hdf5" else inspect_checkpoint(path)
+def inspect(path: str, config: str | None = None, prediction: str | None = None) -> dict:
+    if sniff(path) != "hdf5":
+        return inspect_checkpoint(path, config, prediction)
+    if config is not None or prediction is not None:
+        raise SdportError(f"{path}: an sdport layout records its settings; --config and --prediction apply "
+                          "to a checkpoint")
+    return inspect_layout(path)

@@ -15,14 +15,14 @@ from typing import Callable
 
 from ..models.components import COMPONENTS
 from ..models.errors import SdportError
-from . import clip_text, unet, vae, vit
+from . import clip_text, openclip_text, unet, vae, vit
 from .table import Block, Row
 
 
 @dataclass(frozen=True)
 class Source:
     component: str  # the native component (layout group) it converts into
-    format: str  # source format recorded with the group: "compvis" | "openai" | "hf"
+    format: str  # source format recorded with the group: "compvis" | "openclip" | "openai" | "hf"
     prefixes: tuple[str, ...]  # where the keys sit: the CompVis prefix first, then the alternatives, in order
     infer_config: Callable[[dict], object]  # prefix-stripped shapes -> config (UnsupportedCheckpoint otherwise)
     rows: Callable[[object], list[Row]]
@@ -34,9 +34,14 @@ class Source:
     present_if: tuple[str, ...] = ()  # ... or, with a prefix of "", iff a key starts with one of these
     owns: tuple[str, ...] = ("",)  # the keys under a prefix that are its own (the VAE halves share one)
     family: str = "sd-v1"
+    # The family of a config of it, where the layout alone does not say (the UNet: SD v1 or 2.x).
+    family_by_config: Callable[[object], str] | None = None
     ema: bool = False  # ldm keeps an EMA copy of it (model_ema.*)
     num_heads: bool = False  # its head count is in no shape: --num-heads, or the preset rule
     evidence: str | None = None  # the key whose shape decides the variant (inspect, the layout's attributes)
+
+    def family_of(self, config) -> str:
+        return self.family_by_config(config) if self.family_by_config else self.family
 
     def present(self, rel: dict) -> bool:
         if self.present_if:
@@ -55,10 +60,17 @@ _VAE_LOCATE = (vae.PROBE_ENCODER, vae.PROBE_DECODER)  # a file may hold either h
 
 SOURCES: tuple[Source, ...] = (
     Source("unet", "compvis", (unet.SOURCE_PREFIX, ""), unet.infer_config, unet.rows, unet.blocks, unet.IGNORED,
-           locate=(unet.PROBE,), probe=unet.PROBE, ema=True, num_heads=True, evidence=unet.PROBE),
+           locate=(unet.PROBE,), probe=unet.PROBE, ema=True, num_heads=True, evidence=unet.PROBE,
+           family_by_config=unet.family),
     Source("text_model", "compvis", (clip_text.SOURCE_PREFIX, clip_text.FLAT_PREFIX, "text_model."),
            clip_text.infer_config, clip_text.rows, clip_text.blocks, clip_text.IGNORED,
            locate=(clip_text.PROBE,), probe=clip_text.PROBE),
+    # SD 2.x: the same native encoder from OpenCLIP's text tower (tried after the CompVis one)
+    Source("text_model", "openclip", (openclip_text.SOURCE_PREFIX,), openclip_text.infer_config,
+           openclip_text.rows, openclip_text.blocks, openclip_text.IGNORED,
+           locate=(openclip_text.PROBE,), probe=openclip_text.PROBE,
+           owns=("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection",
+                 "logit_scale"), family="sd-v2"),
     Source("encoder", "compvis", (vae.SOURCE_PREFIX, ""), vae.infer_config, vae.encoder_rows, vae.encoder_blocks,
            vae.IGNORED, locate=_VAE_LOCATE, probe=vae.PROBE_ENCODER, owns=("encoder.", "quant_conv.")),
     Source("decoder", "compvis", (vae.SOURCE_PREFIX, ""), vae.infer_config, vae.decoder_rows, vae.decoder_blocks,

@@ -1,4 +1,4 @@
-"""Mapping table: CompVis UNet (`model.diffusion_model.*`) <-> native `sdport.models.unet.UNet`.
+"""Mapping table: CompVis UNet (`model.diffusion_model.*`) <-> native `sdport.models.unet.UNet`, SD v1 and 2.x.
 
 The table is built from blocks. Each `Block(native, source, kind)` pairs a native submodule with the
 reference submodule that computes the same output; `INNER[kind]` lists the block's own parameters as
@@ -8,7 +8,7 @@ so every row comes from exactly one block. Blocks are listed in pre-order (a blo
 nested in it), otherwise in execution order.
 
 Block forward signatures, the same on both sides (for re-running a block on recorded inputs):
-  resnet (x, emb); transformer (x, context); transformer_block (tokens, context);
+  resnet (x, emb); transformer and transformer_linear (x, context); transformer_block (tokens, context);
   self_attention (tokens); cross_attention (tokens, context); mlp (tokens);
   embedding (sinusoidal timestep features [B, model_channels]); conv / norm / downsample / upsample (x).
 """
@@ -22,9 +22,11 @@ from ..models.unet import GROUPS, UNet, UNetConfig
 from .table import Block, Row, UnsupportedCheckpoint, invert
 
 SOURCE_PREFIX = "model.diffusion_model."
-PROBE = "input_blocks.0.0.weight"  # present in every UNet; its shape says the variant (4 or 9 input channels)
+PROBE = "input_blocks.0.0.weight"  # present in every UNet; its shape says the variant (input channels)
+# Input channels -> variant: latent; + mask + masked-image latent (inpainting); + MiDaS depth map (2.x depth).
+VARIANTS = {4: "txt2img", 9: "inpainting", 5: "depth"}
 
-# Everything the SD v1 UNet stores under SOURCE_PREFIX is mapped; nothing is skipped.
+# Everything the SD v1 and 2.x UNets store under SOURCE_PREFIX is mapped; nothing is skipped.
 IGNORED: list[tuple[str, str]] = []
 
 _WB = (("weight", ("weight",)), ("bias", ("bias",)))
@@ -55,6 +57,12 @@ INNER: dict[str, tuple[tuple, ...]] = {
         ("proj_in.weight", ("proj_in.weight",), "conv1x1_to_linear"), ("proj_in.bias", ("proj_in.bias",)),
         ("proj_out.weight", ("proj_out.weight",), "conv1x1_to_linear"), ("proj_out.bias", ("proj_out.bias",)),
     ),
+    # SD 2.x (use_linear_in_transformer): the projections are already linear layers
+    "transformer_linear": (
+        ("norm.weight", ("norm.weight",)), ("norm.bias", ("norm.bias",)),
+        ("proj_in.weight", ("proj_in.weight",)), ("proj_in.bias", ("proj_in.bias",)),
+        ("proj_out.weight", ("proj_out.weight",)), ("proj_out.bias", ("proj_out.bias",)),
+    ),
     "transformer_block": (
         ("norm1.weight", ("norm1.weight",)), ("norm1.bias", ("norm1.bias",)),
         ("norm2.weight", ("norm2.weight",)), ("norm2.bias", ("norm2.bias",)),
@@ -77,7 +85,7 @@ INNER: dict[str, tuple[tuple, ...]] = {
 
 
 def _transformer(native: str, source: str, cfg: UNetConfig) -> list[Block]:
-    out = [Block(native, source, "transformer")]
+    out = [Block(native, source, "transformer_linear" if cfg.use_linear_in_transformer else "transformer")]
     for d in range(cfg.transformer_depth):
         n, s = f"{native}.blocks.{d}", f"{source}.transformer_blocks.{d}"
         out += [
@@ -137,6 +145,11 @@ def _walk(cfg: UNetConfig) -> list[tuple[Block, bool]]:
     return out
 
 
+def family(cfg: UNetConfig) -> str:
+    """Linear transformer projections are what SD 2.x's UNet has and SD v1's lacks."""
+    return "sd-v2" if cfg.use_linear_in_transformer else "sd-v1"
+
+
 def blocks(cfg: UNetConfig) -> list[Block]:
     return [b for b, _ in _walk(cfg)]
 
@@ -162,16 +175,17 @@ def rows(cfg: UNetConfig) -> list[Row]:
 # Config inference from shapes
 
 
-def _preset_heads(model_channels: int) -> int:
-    """Head count for a UNet whose checkpoint does not say (heads never show in shapes).
+def _preset_heads(model_channels: int, linear: bool) -> dict:
+    """Head layout for a UNet whose checkpoint does not say (heads never show in shapes).
 
-    The rule: the preset with this `model_channels` decides (SD v1: 320 -> 8, tiny: 32 -> 2); any other
-    width gets SD v1's convention, 8 heads at every level. Pass `num_heads` to `infer_config` to override.
+    The rule: the preset of the same generation (1x1-conv projections: SD v1; linear ones: SD 2.x) with
+    this `model_channels` decides (SD v1: 320 -> 8 heads; tiny: 32 -> 2; SD 2.x: 64-wide heads; tiny 2.x:
+    16-wide); any other width gets its generation's convention (SD v1: 8 heads at every level; SD 2.x:
+    64-wide heads, as every 2.x yaml says). Pass `num_heads` or `num_head_channels` to override.
     """
-    for preset in (UNetConfig.sd_v1(), UNetConfig.tiny()):
-        if preset.model_channels == model_channels:
-            return preset.num_heads
-    return UNetConfig.sd_v1().num_heads
+    presets = (UNetConfig.sd_v2(), UNetConfig.tiny_v2()) if linear else (UNetConfig.sd_v1(), UNetConfig.tiny())
+    chosen = next((p for p in presets if p.model_channels == model_channels), presets[0])
+    return {"num_heads": chosen.num_heads, "num_head_channels": chosen.num_head_channels}
 
 
 def _get(shapes: dict, key: str, expected: str) -> tuple[int, ...]:
@@ -191,20 +205,31 @@ def expected_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in invert(rows(cfg), native).items()}
 
 
-def infer_config(shapes: dict, num_heads: int | None = None) -> UNetConfig:
+# The SD 2.x x4 upscaler's UNet: 7 input channels (latent + the low-resolution RGB image) and a class
+# embedding for the noise level it was given. Refused by name rather than by its first odd shape.
+UPSCALER_KEY, UPSCALER_IN = "label_emb.weight", 7
+
+
+def infer_config(shapes: dict, num_heads: int | None = None, num_head_channels: int | None = None) -> UNetConfig:
     """Prefix-stripped source keys -> shapes  =>  the UNetConfig that has exactly these keys and shapes.
 
     Raises UnsupportedCheckpoint (one line: key, shape found, what was expected) for anything outside
-    the SD v1 family: other input widths than 4 or 9, linear transformer projections (SD 2.x),
-    uneven res-block counts, extra or missing keys. `num_heads` is not stored in a checkpoint: pass
-    it, or get the rule of `_preset_heads`.
+    the SD v1 and 2.x families: other input widths than 4, 9 or 5, the x4 upscaler, uneven res-block
+    counts, extra or missing keys. The head layout is stored nowhere in a checkpoint: pass
+    `num_head_channels` (> 0: heads of that width; 0: `num_heads` heads everywhere) or `num_heads`
+    (a fixed count), or get the rule of `_preset_heads`.
     """
     shapes = {k: tuple(v) for k, v in shapes.items()}
+    if UPSCALER_KEY in shapes and shapes.get(PROBE, ())[1:2] == (UPSCALER_IN,):
+        raise UnsupportedCheckpoint(
+            f"UNet key {UPSCALER_KEY!r} (shape {list(shapes[UPSCALER_KEY])}) with {UPSCALER_IN} input channels is the "
+            "SD 2.x x4 upscaler, a different architecture (low-resolution image input, noise-level class "
+            "embedding); expected a txt2img, inpainting or depth UNet")
 
     key = "input_blocks.0.0.weight"
-    s = _get(shapes, key, "the input conv [model_channels, 4 or 9, 3, 3]")
-    if len(s) != 4 or s[2:] != (3, 3) or s[1] not in (4, 9):
-        raise _bad(key, s, "[model_channels, 4 or 9, 3, 3] (4: txt2img, 9: inpainting)")
+    s = _get(shapes, key, "the input conv [model_channels, 4, 9 or 5, 3, 3]")
+    if len(s) != 4 or s[2:] != (3, 3) or s[1] not in VARIANTS:
+        raise _bad(key, s, "[model_channels, 4, 9 or 5, 3, 3] (4: txt2img, 9: inpainting, 5: depth)")
     mc, cin = s[0], s[1]
 
     key = "time_embed.0.weight"
@@ -257,8 +282,9 @@ def infer_config(shapes: dict, num_heads: int | None = None) -> UNetConfig:
     t = f"input_blocks.{1 + attention_levels[0] * (nrb + 1)}.1" if attention_levels else "middle_block.1"
     key = f"{t}.proj_in.weight"
     s = _get(shapes, key, "a SpatialTransformer in the middle block")
-    if len(s) != 4 or s[2:] != (1, 1):
-        raise _bad(key, s, "a 1x1 conv [C, C, 1, 1] (SD v1; a linear proj_in is SD 2.x)")
+    if not (len(s) == 4 and s[2:] == (1, 1)) and len(s) != 2:
+        raise _bad(key, s, "a 1x1 conv [C, C, 1, 1] (SD v1) or a linear [C, C] (SD 2.x)")
+    linear = len(s) == 2
     depth = 0
     while f"{t}.transformer_blocks.{depth}.norm1.weight" in shapes:
         depth += 1
@@ -280,19 +306,26 @@ def infer_config(shapes: dict, num_heads: int | None = None) -> UNetConfig:
             raise UnsupportedCheckpoint(
                 f"UNet level {level} width {w} is not divisible by {GROUPS} GroupNorm groups"
             )
-    heads = _preset_heads(mc) if num_heads is None else num_heads
+    heads = _preset_heads(mc, linear)
+    if num_head_channels is not None:
+        heads["num_head_channels"] = num_head_channels
+    elif num_heads is not None:
+        heads["num_head_channels"] = 0  # a fixed count asked for
+    if num_heads is not None:
+        heads["num_heads"] = num_heads
     try:
         cfg = UNetConfig(
             in_channels=cin, out_channels=cout, model_channels=mc, channel_mult=mult, num_res_blocks=nrb,
-            attention_levels=tuple(attention_levels), num_heads=heads, transformer_depth=depth,
-            context_dim=context_dim,
+            attention_levels=tuple(attention_levels), transformer_depth=depth, context_dim=context_dim,
+            use_linear_in_transformer=linear, **heads,
         )
     except ValueError as e:
         raise UnsupportedCheckpoint(f"UNet config from shapes is invalid: {e}") from None
 
     # Everything else must be exactly what this config builds.
     expected = expected_shapes(cfg)
-    summary = f"UNet(in {cin}, width {mc}, mult {list(mult)}, {nrb} res/level, attn {attention_levels})"
+    summary = (f"UNet(in {cin}, width {mc}, mult {list(mult)}, {nrb} res/level, attn {attention_levels}, "
+               f"{'linear' if linear else '1x1-conv'} projections)")
     for key, shape in expected.items():
         if key not in shapes:
             raise UnsupportedCheckpoint(f"UNet key {key!r} is missing; expected shape {list(shape)} for {summary}")

@@ -83,7 +83,7 @@ def blocks(cfg: VisionConfig, source: str) -> list[Block]:
     ]
 
 
-def _openai_layer_rows(n: str, s: str) -> list[Row]:
+def openai_layer_rows(n: str, s: str) -> list[Row]:
     rows = norm_rows(f"{n}.norm1", f"{s}.ln_1")
     # in_proj_weight is already q, k, v stacked along dim 0: the fused layout, no transform needed
     rows += [Row.of(f"{n}.attn.qkv.weight", f"{s}.attn.in_proj_weight"),
@@ -104,7 +104,7 @@ def _block_rows(b: Block, source: str) -> list[Row]:
     if b.kind in ("norm", "pool_norm"):
         return norm_rows(n, s)
     if b.kind == "transformer":
-        return hf_layer_rows(n, s) if source == "hf" else _openai_layer_rows(n, s)
+        return hf_layer_rows(n, s) if source == "hf" else openai_layer_rows(n, s)
     if b.kind == "patch_embedding":
         return [Row.of(f"{n}.patch.weight", f"{s}.patch_embedding.weight"),
                 Row.of(f"{n}.cls", f"{s}.class_embedding"),

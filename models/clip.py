@@ -1,4 +1,8 @@
-"""CLIP encoders: the text transformer SD v1 conditions on, and the ViT image encoder of SD image variations.
+"""CLIP encoders: the text transformers SD v1 and 2.x condition on, and the ViT image encoder of SD image variations.
+
+SD v1's text tower is OpenAI CLIP ViT-L/14's (quick GELU, the last block's output, padding with END);
+SD 2.x's is OpenCLIP ViT-H/14's as ldm's FrozenOpenCLIPEmbedder runs it (exact GELU, the output after
+the penultimate block then the final norm, padding with 0). Both are one `TextEncoder`; the config says which.
 
 Both are pre-norm transformers built from one `TransformerBlock`; they differ only in the embedding
 (tokens + positions vs. patches + class token + positions), the mask (causal for text) and the head
@@ -6,7 +10,7 @@ Both are pre-norm transformers built from one `TransformerBlock`; they differ on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +30,27 @@ class TextConfig:
     intermediate: int = 3072
     activation: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # Which block's output feeds the final norm (ldm's FrozenOpenCLIPEmbedder `layer`): "last", or
+    # "penultimate" (SD 2.x), which runs all blocks but the last; the last one's weights stay in the
+    # layout, unused, so that export gives the checkpoint back.
+    layer: str = "last"
+    # The id after END up to max_positions: END in SD v1 (transformers' CLIPTokenizer as CompVis calls
+    # it), 0 in SD 2.x (open_clip.tokenize). The tokens after END reach the UNet, so it changes the context.
+    pad_id: int = field(default=49407, metadata={"min": 0})
 
     def __post_init__(self):
         _check_tower(self)
+        if self.layer not in LAYERS:
+            raise ValueError(f"TextConfig: layer {self.layer[:40]!r} is not one of {', '.join(LAYERS)}")
+        if self.layer == "penultimate" and self.layers < 2:
+            raise ValueError("TextConfig: layer 'penultimate' needs at least 2 layers")
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(f"TextConfig: pad_id {self.pad_id} outside the vocabulary 0..{self.vocab_size - 1}")
+
+    @property
+    def layers_run(self) -> int:
+        """Blocks the forward runs: all, or all but the last for "penultimate"."""
+        return self.layers - LAYERS.index(self.layer)
 
     @classmethod
     def sd_v1(cls) -> "TextConfig":
@@ -38,6 +60,16 @@ class TextConfig:
     @classmethod
     def tiny(cls) -> "TextConfig":
         return cls(hidden=8, heads=2, layers=2, intermediate=16)
+
+    @classmethod
+    def sd_v2(cls) -> "TextConfig":
+        """OpenCLIP ViT-H/14 text tower as ldm's FrozenOpenCLIPEmbedder uses it (layer "penultimate")."""
+        return cls(hidden=1024, heads=16, layers=24, intermediate=4096, activation="gelu",
+                   layer="penultimate", pad_id=0)
+
+    @classmethod
+    def tiny_v2(cls) -> "TextConfig":
+        return cls(hidden=16, heads=2, layers=3, intermediate=32, activation="gelu", layer="penultimate", pad_id=0)
 
 
 @dataclass(frozen=True)
@@ -76,6 +108,7 @@ class VisionConfig:
 
 
 MAX_LAYERS = 256  # transformer blocks in one tower (the largest CLIP towers have 48)
+LAYERS = ("last", "penultimate")  # index = blocks left out at the end
 
 
 def _check_tower(cfg) -> None:
@@ -180,7 +213,8 @@ class TextEmbedding(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids [B, T<=77] (long) -> last hidden state [B, T, hidden], causal, final layer norm applied."""
+    """Token ids [B, T<=77] (long) -> hidden state [B, T, hidden] of the config's layer (the last or the
+    penultimate block), causal, final layer norm applied."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -192,7 +226,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)  # [B, T, D]
-        for layer in self.layers:
+        for layer in self.layers[: self.config.layers_run]:
             x = layer(x)
         return self.final_norm(x)
 

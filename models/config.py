@@ -22,12 +22,16 @@ def to_dict(cfg) -> dict:
     }
 
 
-def _check(cls, name: str, hint, v):
+def _check(cls, name: str, hint, v, low: int = 1):
     """`v` converted to the field's type, or ValueError saying what was expected."""
     where = f"{cls.__name__}.{name}"
+    if hint is bool:
+        if type(v) is not bool:
+            raise ValueError(f"{where} must be true or false, not {_show(v)}")
+        return v
     if hint is int:
-        if type(v) is not int or not 1 <= v <= MAX_INT:
-            raise ValueError(f"{where} must be an integer in 1..{MAX_INT}, not {_show(v)}")
+        if type(v) is not int or not low <= v <= MAX_INT:
+            raise ValueError(f"{where} must be an integer in {low}..{MAX_INT}, not {_show(v)}")
         return v
     if hint is float:
         if type(v) not in (int, float) or not (math.isfinite(v) and 0 < v <= 1):
@@ -62,4 +66,6 @@ def from_dict(cls, d: dict):
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown config keys {_show(unknown, 80)}")
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _check(cls, k, hints[k], v) for k, v in d.items()})
+    # An int field whose 0 means "off" (a UNet's num_head_channels) says so in its metadata: {"min": 0}.
+    low = {f.name: f.metadata.get("min", 1) for f in dataclasses.fields(cls)}
+    return cls(**{k: _check(cls, k, hints[k], v, low[k]) for k, v in d.items()})

@@ -35,6 +35,7 @@ from .samplers import (
     SPACINGS,
     Schedule,
     cfg_denoiser,
+    v_to_eps,
     ddim_timesteps,
     linear_schedule,
     sample_ddim,
@@ -216,12 +217,37 @@ def unet_mode(models: Models) -> str:
         return "plain"
     if u.in_channels == 2 * u.out_channels + 1:
         return "inpainting"
+    if u.in_channels == u.out_channels + 1:
+        raise SdportError(f"{models.path}: /unet is a depth-conditioned UNet ({u.in_channels} input channels: "
+                          "latent + depth map); sdport does not compute the depth map (the MiDaS model was "
+                          "not converted), so it cannot generate with it")
     raise LayoutError(f"{models.path}: /unet has {u.in_channels} input and {u.out_channels} output channels; "
                       f"expected {u.out_channels} (plain) or {2 * u.out_channels + 1} (inpainting)")
 
 
+def prediction(models: Models) -> str:
+    """What the UNet predicts, as the layout records it (layouts without the record: eps)."""
+    settings = models.reader.attrs.get("settings")
+    p = settings.get("prediction") if isinstance(settings, dict) else None
+    value = p.get("value") if isinstance(p, dict) else "eps"
+    if value not in ("eps", "v"):
+        raise LayoutError(f"{models.path}: settings.prediction is {str(value)[:20]!r}; expected eps or v")
+    return value
+
+
+def trained_size(models: Models) -> int:
+    """The image side the model was trained at. No checkpoint or yaml says it (the 2.x yamls all say
+    image_size: 64, which ldm never uses), so by convention: 768 for a full-width v-prediction UNet
+    (SD 2.x 768-v, 2.1-v), else the UNet's sample size through the VAE (512 for SD v1 and 2.x base)."""
+    u, f = models.config("unet"), models.config("decoder").downscale
+    if prediction(models) == "v" and u.model_channels >= 320:
+        return 96 * f
+    return u.sample_size * f
+
+
 def check_request(models: Models, req: Request, mode: str) -> None:
     models.require(mode)
+    prediction(models)  # a malformed record is refused before any work
     u, t, d = models.config("unet"), models.config("text_model"), models.config("decoder")
     if t.hidden != u.context_dim:
         raise LayoutError(f"{models.path}: the text encoder's width {t.hidden} does not match the UNet's "
@@ -282,10 +308,11 @@ def steps_note(req: Request, mode: str = "txt2img") -> str | None:
 
 @torch.no_grad()
 def encode_text(models: Models, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> text encoder last hidden states [N, 77, D], float32 on the device."""
+    """Prompts -> text encoder hidden states [N, 77, D], float32 on the device."""
     tok = default_tokenizer()
-    ids = torch.tensor([tok(p) for p in prompts], dtype=torch.long, device=models.device)  # [N, 77]
     with models.use("text_model") as text:
+        pad = text.config.pad_id  # END for SD v1, 0 for SD 2.x
+        ids = torch.tensor([tok(p, pad) for p in prompts], dtype=torch.long, device=models.device)  # [N, 77]
         return text(ids).float()
 
 
@@ -331,6 +358,12 @@ def unet_fn(unet: torch.nn.Module, concat: Optional[torch.Tensor] = None):
     return call
 
 
+def guided(models: Models, unet_call, cond, uncond, scale: float):
+    """The guided denoiser the samplers step with: eps, converted from v for a v-prediction UNet."""
+    denoiser = cfg_denoiser(unet_call, cond, uncond, scale)
+    return v_to_eps(denoiser, models.schedule) if prediction(models) == "v" else denoiser
+
+
 def _sample(req: Request, denoiser, x_T, schedule, generator, mask=None, x0=None):
     if req.sampler == "plms":
         return sample_plms(denoiser, x_T, schedule, req.steps, generator=generator, mask=mask, x0=x0,
@@ -358,7 +391,7 @@ def txt2img(models: Models, req: Request, x_T: Optional[torch.Tensor] = None) ->
         x_T = _noise((1, models.config("unet").out_channels, h, w), gen, models.device)
     cond, uncond = conditioning(models, req)
     with models.use("unet") as unet:
-        denoiser = cfg_denoiser(unet_fn(unet), cond, uncond, req.scale)
+        denoiser = guided(models, unet_fn(unet), cond, uncond, req.scale)
         yield from _sample(req, denoiser, x_T.to(models.device, torch.float32), models.schedule, gen)
 
 
@@ -372,7 +405,7 @@ def img2img(models: Models, req: Request, init: torch.Tensor) -> Iterator[torch.
     cond, uncond = conditioning(models, req)
     x0 = encode_image(models, init, gen)
     with models.use("unet") as unet:
-        denoiser = cfg_denoiser(unet_fn(unet), cond, uncond, req.scale)
+        denoiser = guided(models, unet_fn(unet), cond, uncond, req.scale)
         yield from sample_img2img(denoiser, x0, models.schedule, req.steps, req.strength, eta=req.eta,
                                   generator=gen, spacing=req.spacing)
 
@@ -417,7 +450,7 @@ def inpaint(models: Models, req: Request, init: torch.Tensor, repaint: torch.Ten
         x_T = _noise((1, channels, h, w), gen, models.device) if x_T is None else x_T.to(models.device)
         n = total_steps(req)
         with models.use("unet") as unet:
-            denoiser = cfg_denoiser(unet_fn(unet), cond, uncond, req.scale)
+            denoiser = guided(models, unet_fn(unet), cond, uncond, req.scale)
             for i, x in enumerate(_sample(req, denoiser, x_T, models.schedule, gen, mask=keep, x0=x0)):
                 # ldm re-imposes the known region before each step only; after the last one, once more
                 yield keep * x0 + (1.0 - keep) * x if i == n - 1 else x
@@ -427,7 +460,7 @@ def inpaint(models: Models, req: Request, init: torch.Tensor, repaint: torch.Ten
     concat = torch.cat([F.interpolate(mask, size=(h, w)).to(models.device), masked_latent], dim=1)  # [1, 5, h, w]
     x_T = _noise((1, channels, h, w), gen, models.device) if x_T is None else x_T.to(models.device)
     with models.use("unet") as unet:
-        denoiser = cfg_denoiser(unet_fn(unet, concat), cond, uncond, req.scale)
+        denoiser = guided(models, unet_fn(unet, concat), cond, uncond, req.scale)
         yield from _sample(req, denoiser, x_T, models.schedule, gen)
 
 

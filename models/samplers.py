@@ -223,6 +223,27 @@ def cfg_denoiser(unet: Callable, cond: torch.Tensor, uncond: Optional[torch.Tens
     return denoise
 
 
+def v_to_eps(denoiser: Denoiser, schedule: Union[Schedule, torch.Tensor]) -> Denoiser:
+    """A v-prediction denoiser (Salimans & Ho 2022: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, SD 2.x 768-v)
+    as an eps one: eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, ldm's predict_eps_from_z_and_v. Wrap it
+    around the guided denoiser: ldm combines the guidance halves on v, then converts.
+
+    ldm 2.1.5's DDIMSampler converts like this; its PLMSSampler does not (it would step with v as if it
+    were eps). The native PLMS runs on this wrapper, so it steps with the right eps: there it departs
+    from that file on purpose.
+    """
+    sched = as_schedule(schedule)
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = denoiser(x, t)
+        shape = (t.shape[0],) + (1,) * (x.ndim - 1)  # [B, 1, 1, 1] to broadcast over C, H, W
+        s = sched.sqrt_alphas_cumprod.to(x.device).gather(-1, t).reshape(shape)
+        s1m = sched.sqrt_one_minus_alphas_cumprod.to(x.device).gather(-1, t).reshape(shape)
+        return s * v + s1m * x
+
+    return denoise
+
+
 def _randn(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
     # drawn on the CPU whatever the device, so a seed means the same noise everywhere
     return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu").to(device)

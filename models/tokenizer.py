@@ -7,7 +7,8 @@
 
 Framing follows CompVis' FrozenCLIPEmbedder (transformers' CLIPTokenizer with truncation=True,
 max_length=77, padding="max_length", pad token <|endoftext|>):
-[START] + at most 75 ids + [END], padded with END to 77.
+[START] + at most 75 ids + [END], padded with END to 77. SD 2.x frames as `open_clip.tokenize` does:
+the same, padded with 0 (`pad`; the text encoder's config carries its pad id).
 
 bpe_simple_vocab_16e6.txt.gz is OpenAI CLIP's BPE vocabulary (MIT License, Copyright (c) 2021
 OpenAI, https://github.com/openai/CLIP), shipped unchanged.
@@ -152,15 +153,16 @@ class Tokenizer:
         """Token ids of `text`, without START/END."""
         return list(self._ids(text))
 
-    def framed(self, text: str) -> tuple[list[int], bool]:
-        """The 77 ids CompVis feeds the text encoder, and whether the prompt was cut to fit."""
+    def framed(self, text: str, pad: int = END) -> tuple[list[int], bool]:
+        """The 77 ids CompVis feeds the text encoder, and whether the prompt was cut to fit. A cut prompt
+        keeps END last (open_clip.tokenize cuts to 77 and writes END over the last kept id: the same ids)."""
         body = list(itertools.islice(self._ids(text), _MAX_BODY + 1))
         truncated = len(body) > _MAX_BODY
         ids = [START, *body[:_MAX_BODY], END]
-        return ids + [END] * (LENGTH - len(ids)), truncated
+        return ids + [pad] * (LENGTH - len(ids)), truncated
 
-    def __call__(self, text: str) -> list[int]:
-        return self.framed(text)[0]
+    def __call__(self, text: str, pad: int = END) -> list[int]:
+        return self.framed(text, pad)[0]
 
     def tokens(self, ids: Iterable[int]) -> list[str]:
         """The vocabulary strings of `ids` (byte characters, '</w>' ends a word), for display."""

@@ -1,7 +1,11 @@
-"""The Stable Diffusion v1 UNet: a noise predictor conditioned on a timestep and a text context.
+"""The Stable Diffusion UNet (v1 and 2.x): a noise predictor conditioned on a timestep and a text context.
 
 Computes what CompVis' `UNetModel` computes with the SD v1 settings (spatial transformers with 1x1-conv
-projections, fixed head count, GEGLU feed-forward), laid out the way the architecture reads:
+projections, fixed head count, GEGLU feed-forward) and with Stability's 2.x settings (linear
+projections, 64-wide heads so the head count grows with the level's width, a 1024-wide context). The
+native projections are token-space `nn.Linear` either way: a 1x1 conv on [B, C, H, W] and a linear on
+[B, H*W, C] are the same map, so the two differ only in the mapping table. Laid out the way the
+architecture reads:
 
     time_embed                      sinusoidal timestep features -> MLP -> emb
     conv_in
@@ -25,7 +29,7 @@ channels-last memory format: oneDNN's convolutions prefer it, and a spatial tran
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +55,12 @@ class UNetConfig:
     num_heads: int = 8  # fixed per layer; head dim = channels // num_heads varies with the level
     transformer_depth: int = 1
     context_dim: int = 768
+    # > 0: heads of this width instead (SD 2.x: 64), so the head count is width // num_head_channels per
+    # level and num_heads is unused; 0: num_heads heads everywhere (ldm's num_head_channels=-1).
+    num_head_channels: int = field(default=0, metadata={"min": 0})
+    # ldm's use_linear_in_transformer (SD 2.x): proj_in/proj_out are linear layers in the checkpoint,
+    # not 1x1 convs. The native modules are the same; only the mapping table's transform differs.
+    use_linear_in_transformer: bool = False
 
     def __post_init__(self):
         if not self.channel_mult:
@@ -69,9 +79,16 @@ class UNetConfig:
         for level in self.attention_levels:
             if not 0 <= level < len(self.channel_mult):
                 raise ValueError(f"attention level {level} outside 0..{len(self.channel_mult) - 1}")
+        if self.num_head_channels < 0:
+            raise ValueError(f"num_head_channels must be >= 0, got {self.num_head_channels}")
+        per = ("num_head_channels", self.num_head_channels) if self.num_head_channels else ("num_heads", self.num_heads)
         for c in [self.level_channels[i] for i in self.attention_levels] + [self.level_channels[-1]]:
-            if c % self.num_heads:
-                raise ValueError(f"attention width {c} is not divisible by num_heads {self.num_heads}")
+            if c % per[1]:
+                raise ValueError(f"attention width {c} is not divisible by {per[0]} {per[1]}")
+
+    def heads(self, width: int) -> int:
+        """Attention heads of a transformer `width` channels wide (ldm's rule for the two head layouts)."""
+        return width // self.num_head_channels if self.num_head_channels else self.num_heads
 
     @property
     def level_channels(self) -> tuple[int, ...]:
@@ -101,6 +118,21 @@ class UNetConfig:
         return cls(
             model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
             num_heads=2, transformer_depth=1, context_dim=8,
+        )
+
+    @classmethod
+    def sd_v2(cls, in_channels: int = 4) -> "UNetConfig":
+        """SD 2.x (512-base, 768-v, 2.1; in_channels 9: inpainting, 5: depth): the v2 yamls' unet_config."""
+        return cls(in_channels=in_channels, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+
+    @classmethod
+    def tiny_v2(cls, in_channels: int = 4) -> "UNetConfig":
+        """The tiny preset with the 2.x head layout: 16-wide heads, so 2 heads at width 32 and 4 in the
+        64-wide middle block (the head count varies as it does in SD 2.x)."""
+        return cls(
+            in_channels=in_channels, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+            attention_levels=(0,), num_head_channels=16, transformer_depth=1, context_dim=16,
+            use_linear_in_transformer=True,
         )
 
 
@@ -282,7 +314,7 @@ class Mid(nn.Module):
     def __init__(self, channels: int, cfg: UNetConfig):
         super().__init__()
         self.res = nn.ModuleList([ResBlock(channels, channels, cfg.time_embed_dim) for _ in range(2)])
-        self.attn = SpatialTransformer(channels, cfg.context_dim, cfg.num_heads, cfg.transformer_depth)
+        self.attn = SpatialTransformer(channels, cfg.context_dim, cfg.heads(channels), cfg.transformer_depth)
 
 
 class UNet(nn.Module):
@@ -292,7 +324,7 @@ class UNet(nn.Module):
         emb_dim, widths, n = cfg.time_embed_dim, cfg.level_channels, len(cfg.channel_mult)
 
         def transformer(c):
-            return SpatialTransformer(c, cfg.context_dim, cfg.num_heads, cfg.transformer_depth)
+            return SpatialTransformer(c, cfg.context_dim, cfg.heads(c), cfg.transformer_depth)
 
         self.time_embed = TimeEmbedding(cfg.model_channels, emb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.model_channels, 3, padding=1)

@@ -58,6 +58,9 @@ class ParityComponent:
     # Submodules of the reference container the component does not use (left unloaded, then dropped).
     other_half: tuple[str, ...] = ()
     takes_prompt_context = False  # --prompt makes its context with the native text encoder
+    # source format -> reference submodules (name prefixes) whose activations are sequence-first
+    # [T, B, D] where the native ones are [B, T, D]; the layer map transposes them
+    sequence_first: dict[str, tuple[str, ...]] = {}
 
     @property
     def main_input(self) -> str:
@@ -126,10 +129,15 @@ class ParityComponent:
         """Options for reading the reference's weights as the native side's were read."""
         return {}
 
+    def not_run(self, cfg) -> dict[str, str]:
+        """{native submodule: why} for the parts of the table that neither side runs with this config."""
+        return {}
+
 
 class UNet(ParityComponent):
     name = "unet"
-    extra_inputs = {"resnet": ("emb",), "transformer": ("context",), "transformer_block": ("context",),
+    extra_inputs = {"resnet": ("emb",), "transformer": ("context",), "transformer_linear": ("context",),
+                    "transformer_block": ("context",),
                     "cross_attention": ("context",)}
     takes_prompt_context = True
 
@@ -153,11 +161,8 @@ class UNet(ParityComponent):
         t = d("t", "randint(1, 1000): one timestep per batch item", torch.randint(1, 1000, (b,), generator=d.g))
         d.desc["timesteps"] = t.tolist()
         if prompt is not None:
-            from ..models.tokenizer import default_tokenizer
-            tok = default_tokenizer()
             texts = prompts(prompt, b)
-            ids = torch.tensor([tok(s) for s in texts])
-            d("context", f"native text encoder on token ids of {texts!r}", encode_text(ids).float().cpu())
+            d("context", f"native text encoder on token ids of {texts!r}", encode_text(texts).float().cpu())
             d.desc["prompt"] = prompt
         else:
             d("context", "randn (standard normal)", torch.randn(b, CONTEXT_TOKENS, cfg.context_dim, generator=d.g))
@@ -173,11 +178,14 @@ class UNet(ParityComponent):
         return build_reference
 
     def reference_plan_options(self, cfg):
-        return {"num_heads": cfg.num_heads}  # in no shape: the reference takes the native file's
+        # in no shape: the reference takes the native file's head layout
+        return {"num_heads": cfg.num_heads, "num_head_channels": cfg.num_head_channels}
 
 
 class TextModel(ParityComponent):
     name = "text_model"
+    # ldm ran OpenCLIP's blocks sequence-first (open_clip 2.0); parity/reference/openclip.py does too
+    sequence_first = {"openclip": ("transformer.",)}
 
     def default_size(self, cfg):
         return cfg.max_positions
@@ -202,14 +210,24 @@ class TextModel(ParityComponent):
     def draw(self, cfg, d, size, prompt, encode_text):
         from ..models.tokenizer import default_tokenizer
         texts = prompts(prompt if prompt is not None else DEFAULT_PROMPT, d.batch)
-        ids = torch.tensor([default_tokenizer()(s) for s in texts])[:, :cfg.max_positions]
-        d("ids", f"CLIP tokenizer on {texts!r} (no randomness)", ids)
+        ids = torch.tensor([default_tokenizer()(s, cfg.pad_id) for s in texts])[:, :cfg.max_positions]
+        d("ids", f"CLIP tokenizer on {texts!r}, padded with {cfg.pad_id} (no randomness)", ids)
         d.desc["prompt"] = texts[-1]
 
+    def not_run(self, cfg):
+        return {f"layers.{i}": f"not run by either side: layer {cfg.layer!r} stops before it (its weights stay "
+                               "in the layout so that export gives the checkpoint back)"
+                for i in range(cfg.layers_run, cfg.layers)}
+
     def call_reference(self, model, inputs, source_format):
+        if source_format == "openclip":
+            return model(inputs["ids"])
         return model(input_ids=inputs["ids"])
 
     def reference_builder(self, source_format):
+        if source_format == "openclip":
+            from .reference.openclip import build_text_reference as build_openclip
+            return build_openclip
         from .reference.clip import build_text_reference
         return build_text_reference
 

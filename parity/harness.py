@@ -85,7 +85,7 @@ def check_input_shapes(component: str, cfg, shapes: dict[str, tuple], path: str)
 def draw_inputs(component: str, cfg, *, seed: int = 0, batch: int = 2, size: int | None = None,
                 prompt: str | None = None, encode_text=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Model inputs on the CPU from one seeded CPU generator (device-independent), and their
-    description for the report. `encode_text(ids) -> context` gives the UNet a text context."""
+    description for the report. `encode_text(texts) -> context` gives the UNet a text context."""
     pc = entry(component)
     d = Drawer(seed, batch)
     pc.draw(cfg, d, size or pc.default_size(cfg), prompt, encode_text)
@@ -129,11 +129,16 @@ def ensure_h5(checkpoint: str, h5: str | None, workdir: str, components, num_hea
 
 
 def text_encoder_fn(h5: str, device):
-    """ids -> context with the native fp32 text encoder of `h5` (for --prompt on the UNet)."""
+    """texts -> context with the native tokenizer (framed with the encoder's pad id) and the native fp32
+    text encoder of `h5` (for --prompt on the UNet)."""
+    from ..models.tokenizer import default_tokenizer
+
     model, _, _ = load_native(h5, TEXT_ENCODER, device, torch.float32)
+    tok = default_tokenizer()
 
     @torch.no_grad()
-    def encode(ids):
+    def encode(texts):
+        ids = torch.tensor([tok(s, model.config.pad_id) for s in texts])  # [N, 77]
         return model(ids.to(device))
     return encode
 

@@ -36,6 +36,7 @@ class LayerSpec:
     kind: str                  # block kind, or "param" for a module paired through its rows
     transform: str = "identity"
     pool_token: bool = False   # reference output keeps every token, the native only the class token
+    sequence_first: bool = False  # reference activations are [T, B, D], the native ones [B, T, D]
 
     @property
     def reference_name(self) -> str:
@@ -58,9 +59,11 @@ def layer_map(component: str, cfg, source_format: str = "compvis") -> tuple[list
     """(layers, not_compared): the layers in table order (the harness reorders them by execution),
     and {native key: reason} for rows that pair no module of their own."""
     blocks, rows = blocks_and_rows(component, cfg, source_format)
+    seq_first = entry(component).sequence_first.get(source_format, ())
     out: dict[str, LayerSpec] = {}
     for b in blocks:
-        out[b.native] = LayerSpec(b.native, (b.source,), b.kind, pool_token=b.kind == "pool_norm")
+        out[b.native] = LayerSpec(b.native, (b.source,), b.kind, pool_token=b.kind == "pool_norm",
+                                  sequence_first=b.source.startswith(seq_first) if seq_first else False)
 
     params: dict[str, LayerSpec] = {}
     not_compared: dict[str, str] = {}
@@ -75,8 +78,17 @@ def layer_map(component: str, cfg, source_format: str = "compvis") -> tuple[list
             continue  # the block with this name already compares the module's output
         if native_mod not in params or leaf == "weight":
             # the weight row decides how outputs line up (a fused bias row names the same modules)
-            params[native_mod] = LayerSpec(native_mod, tuple(m for m, _ in parts), "param", r.transform)
+            params[native_mod] = LayerSpec(native_mod, tuple(m for m, _ in parts), "param", r.transform,
+                                           sequence_first=parts[0][0].startswith(seq_first) if seq_first else False)
     out.update(params)
+    skipped = entry(component).not_run(cfg)
+    if skipped:
+        def reason(name):
+            return next((why for mod, why in skipped.items() if name == mod or name.startswith(mod + ".")), None)
+        for r in rows:
+            if reason(r.native):
+                not_compared[r.native] = reason(r.native)
+        out = {n: s for n, s in out.items() if not reason(n)}
     return list(out.values()), not_compared
 
 
@@ -113,6 +125,8 @@ def _main_input(args, kwargs):
 def native_args(component: str, spec: LayerSpec, args: tuple, kwargs: dict) -> tuple:
     """The native layer's positional inputs, from the reference module's recorded call."""
     x = _main_input(args, kwargs)
+    if spec.sequence_first:
+        x = x.transpose(0, 1)  # [T, B, D] -> [B, T, D]
     if spec.transform in _TOKEN_TRANSFORMS:
         x = _tokens(x)
     if spec.pool_token:
@@ -136,6 +150,8 @@ def reference_output(spec: LayerSpec, outputs: list) -> torch.Tensor:
         y = torch.cat(ts, dim=-1)  # n x [B, N, C] -> [B, N, nC]: the fused projection's rows
     else:
         y = ts[0]
+    if spec.sequence_first:
+        y = y.transpose(0, 1)  # [T, B, D] -> [B, T, D]
     if spec.pool_token:
         y = y[:, 0]  # [B, T, D] -> [B, D]
     return y

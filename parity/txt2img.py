@@ -111,7 +111,7 @@ class StandIn:
     (conditioning_key 'crossattn' for a tensor, 'hybrid' for a dict). `on_call(x, t, c, out)`, when set,
     sees every UNet call."""
 
-    parameterization = "eps"
+    parameterization = "eps"  # "v" for a v-prediction UNet: ldm's DDIMSampler then converts v with the two below
 
     def __init__(self, unet, schedule: dict[str, torch.Tensor], device=torch.device("cpu")):
         for k, v in schedule.items():
@@ -120,6 +120,16 @@ class StandIn:
         self.device = torch.device(device)
         self.unet = unet
         self.on_call = None
+
+    def predict_eps_from_z_and_v(self, x_t, t, v):  # LatentDiffusion's (ldm.models.diffusion.ddpm)
+        from ldm.modules.diffusionmodules.util import extract_into_tensor
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
+
+    def predict_start_from_z_and_v(self, x_t, t, v):
+        from ldm.modules.diffusionmodules.util import extract_into_tensor
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
 
     def apply_model(self, x, t, c):
         if isinstance(c, dict):  # hybrid: xc = cat([x] + c_concat), context = cat(c_crossattn)
@@ -137,12 +147,14 @@ class ReferencePipeline:
     ldm's Decoder / Encoder. `sampler(name)` is ldm's PLMSSampler or DDIMSampler over the stand-in."""
 
     def __init__(self, checkpoint: str, *, device="cpu", num_heads: int | None = None,
-                 components=P.NEEDS["txt2img"]):
+                 num_head_channels: int | None = None, components=P.NEEDS["txt2img"]):
         self.device = torch.device(device)
         self.parts: dict[str, torch.nn.Module] = {}
+        self.formats: dict[str, str] = {}  # component -> source format (which reference it is)
         for c in components:
-            m, _, _ = load_reference(c, checkpoint, num_heads=num_heads)  # used by the sources whose heads no shape says
-            self.parts[c] = m.to(self.device)
+            # the head layout is used by the sources whose heads no shape says
+            m, _, fmt = load_reference(c, checkpoint, num_heads=num_heads, num_head_channels=num_head_channels)
+            self.parts[c], self.formats[c] = m.to(self.device), fmt
         schedule, self.note = reference_schedule(checkpoint)
         self.model = StandIn(self.parts.get("unet"), schedule, self.device)
         self.scale_factor = REFERENCE_SCALE_FACTOR
@@ -153,8 +165,14 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids [N, 77] -> last hidden states [N, 77, D] (FrozenCLIPEmbedder.forward after tokenizing)."""
-        return self.parts["text_model"](input_ids=ids.to(self.device)).last_hidden_state
+        """Token ids [N, 77] -> hidden states [N, 77, D] (FrozenCLIPEmbedder / FrozenOpenCLIPEmbedder.forward
+        after tokenizing)."""
+        from .components import entry
+        from .layers import first_tensor
+
+        out = entry("text_model").call_reference(self.parts["text_model"], {"ids": ids.to(self.device)},
+                                                 self.formats["text_model"])
+        return first_tensor(out)
 
     @torch.no_grad()
     def first_stage_encoding(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -438,6 +456,9 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         req = P.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
                         eta=eta, height=height, width=width, spacing=spacing)
         P.check_request(models, req, "txt2img")  # the native pipeline's own checks, before any work
+        if P.prediction(models) == "v" and sampler == "plms":
+            raise ParityError(f"{h5}: a v-prediction UNet; ldm's PLMSSampler steps with v as if it were eps, so "
+                              "it is no reference for it: use --sampler ddim (the native PLMS converts v to eps)")
         h, w = P.check_size(models, height, width, "--")
         n = P.total_steps(req)
         chosen = _layer_steps(layer_steps, n)
@@ -447,10 +468,12 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         # The reference pipeline runs first and (unless the caller keeps it) is freed before any native
         # model is loaded: its per-step latents and eps stay in memory (one latent each), the chosen
         # steps' UNet layers go to disk.
-        ref = reference or ReferencePipeline(checkpoint, device=dev, num_heads=ucfg.num_heads)
+        ref = reference or ReferencePipeline(checkpoint, device=dev, num_heads=ucfg.num_heads,
+                                             num_head_channels=ucfg.num_head_channels)
+        ref.model.parameterization = P.prediction(models)  # what ldm's DDIMSampler reads
         notes = list(models.notes) + ([ref.note] if ref.note else [])
-        tok = default_tokenizer()
-        ids = torch.tensor([tok(negative), tok(prompt)], dtype=torch.long)  # [2, 77], uncond first
+        tok, pad = default_tokenizer(), models.config("text_model").pad_id  # END for SD v1, 0 for SD 2.x
+        ids = torch.tensor([tok(negative, pad), tok(prompt, pad)], dtype=torch.long)  # [2, 77], uncond first
         ref_uc, ref_c = ref.encode_ids(ids).float().chunk(2)
         if req.scale == 1.0:
             ref_uc = None  # no unconditional branch, as in ldm and the native pipeline (P.conditioning)

@@ -17,7 +17,8 @@ from sdport.models.storage.layout import LayoutReader, verify
 from sdport.models.load import load_model
 from conftest import REPO, run_cli
 
-SD = ["lightning", "flat", "safetensors", "fp16", "ema", "position_ids", "inpaint", "callback"]
+SD = ["lightning", "flat", "safetensors", "fp16", "ema", "position_ids", "inpaint", "callback",
+      "v2", "v2_inpaint", "v2_depth"]
 
 EXPECT = {  # variant -> (container, wrapper, dtype, in_channels, ema)
     "lightning": ("torch-zip", "lightning", "float32", 4, False),
@@ -28,6 +29,9 @@ EXPECT = {  # variant -> (container, wrapper, dtype, in_channels, ema)
     "position_ids": ("torch-zip", "lightning", "float32", 4, False),
     "inpaint": ("torch-zip", "lightning", "float32", 9, False),
     "callback": ("torch-zip", "lightning", "float32", 4, False),
+    "v2": ("torch-zip", "lightning", "float32", 4, False),
+    "v2_inpaint": ("torch-zip", "lightning", "float32", 9, False),
+    "v2_depth": ("torch-zip", "lightning", "float32", 5, False),
 }
 
 
@@ -40,12 +44,19 @@ def test_inspect_json(variants, variant):
     assert info["container"] == container and info["wrapper"] == wrapper
     assert max(info["dtypes"], key=info["dtypes"].get) == dtype
     assert info["unet_in_channels"] == in_ch
-    assert info["variant"] == ("inpainting" if in_ch == 9 else "txt2img")
+    assert info["variant"] == {9: "inpainting", 5: "depth"}.get(in_ch, "txt2img")
+    assert info["family"] == ("sd-v2" if variant.startswith("v2") else "sd-v1")
     assert info["ema"] is ema
     assert set(info["components"]) >= {"unet", "text_model", "encoder", "decoder", "schedule"}
     assert info["unknown_keys"] == []
     if variant == "position_ids":
         assert "cond_stage_model.transformer.text_model.embeddings.position_ids" in info["ignored"]
+    if variant.startswith("v2"):  # the OpenCLIP text tower; its contrastive head is listed, not converted
+        assert info["configs"]["text_model"]["layer"] == "penultimate" and info["configs"]["text_model"]["pad_id"] == 0
+        assert info["configs"]["unet"]["num_head_channels"] == 16 and info["configs"]["unet"]["use_linear_in_transformer"]
+        assert {"cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"} <= set(info["ignored"])
+    depth = {k: r for k, r in info["ignored"].items() if k.startswith("depth_model.")}
+    assert (len(depth) == 4 and all("MiDaS" in r for r in depth.values())) if variant == "v2_depth" else not depth
 
 
 @pytest.mark.parametrize("variant", ["vit_openai", "vit_hf", "vit_compvis", "vit_torchscript"])
@@ -252,10 +263,31 @@ def test_strict_unknown_keys(variants, tmp_path):
 def test_shape_outside_supported_family(variants, tmp_path):
     sd = torch.load(variants["flat"], weights_only=True)
     k = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
-    sd[k] = torch.zeros(sd[k].shape[0], sd[k].shape[1])  # a linear proj_in (SD 2.x style)
+    sd[k] = torch.zeros(sd[k].shape[0], sd[k].shape[1])  # a linear proj_in (SD 2.x style) beside a 1x1-conv proj_out
     torch.save(sd, tmp_path / "odd.ckpt")
     rc, _, err = run_cli("convert", tmp_path / "odd.ckpt", "-o", tmp_path / "odd.h5")
-    assert rc == 2 and "proj_in.weight" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "proj_out.weight" in err and "linear projections" in err and len(err.strip().splitlines()) == 1
+
+
+def test_x4_upscaler_refused_in_one_line(variants, tmp_path):
+    sd = torch.load(variants["v2"], weights_only=True)["state_dict"]
+    k = "model.diffusion_model.input_blocks.0.0.weight"
+    sd[k] = torch.zeros(sd[k].shape[0], 7, 3, 3)  # latent + low-resolution RGB image
+    sd["model.diffusion_model.label_emb.weight"] = torch.zeros(1000, 4 * sd[k].shape[0])  # noise-level classes
+    torch.save({"state_dict": sd}, tmp_path / "x4.ckpt")
+    for cmd in (["convert", tmp_path / "x4.ckpt", "-o", tmp_path / "x4.h5"], ["inspect", tmp_path / "x4.ckpt"]):
+        rc, out, err = run_cli(*cmd)
+        text = err if cmd[0] == "convert" else out
+        assert "x4 upscaler" in text and "different architecture" in text and "label_emb.weight" in text, text
+    assert rc == 0 and "unsupported:" in out  # inspect says what it is and still exits 0
+    rc, _, err = run_cli("convert", tmp_path / "x4.ckpt", "-o", tmp_path / "x4.h5")
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "x4.h5").exists()
+
+
+def test_depth_unet_converts_but_does_not_generate(converted, tmp_path):
+    rc, _, err = run_cli("txt2img", converted["v2_depth"], "a cube", "-o", tmp_path / "d.png", "--steps", "2")
+    assert rc == 2 and "depth" in err and "MiDaS" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d.png").exists()
 
 
 def _flip_byte(path, group, key):
@@ -303,7 +335,7 @@ def _rel_l2(a, r):
     return float((a.double() - r.double()).norm() / r.double().norm())
 
 
-@pytest.mark.parametrize("variant", ["lightning", "inpaint", "safetensors"])
+@pytest.mark.parametrize("variant", ["lightning", "inpaint", "safetensors", "v2", "v2_inpaint", "v2_depth"])
 def test_unet_from_h5_matches_ldm(variants, converted, variant):
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     from sdport.parity.reference.unet import ldm_kwargs
@@ -318,6 +350,31 @@ def test_unet_from_h5_matches_ldm(variants, converted, variant):
     with torch.no_grad():
         r, a = ref(x, t, context=ctx), native(x, t, ctx)
     assert r.abs().mean() > 1e-2 and _rel_l2(a, r) <= 1e-5
+
+
+def test_openclip_text_from_h5_matches_ldm_encode(variants, converted):
+    """The SD 2.x text encoder from the .h5 against FrozenOpenCLIPEmbedder's computation (parity/reference/openclip.py)
+    on the checkpoint's weights, with open_clip.tokenize's framing (pad 0)."""
+    from sdport.models.tokenizer import default_tokenizer
+    from sdport.parity.reference import openclip as reference_openclip
+
+    text = load_model(converted["v2"], "text_model")
+    assert text.config.layer == "penultimate" and text.config.pad_id == 0
+    ref = reference_openclip.build_text_reference(text.config)
+    missing, unexpected = ref.load_state_dict(_reference_sd(variants["v2"], "cond_stage_model.model."), strict=False)
+    assert not missing and set(unexpected) == {"text_projection", "logit_scale"}
+    tok = default_tokenizer()
+    ids = torch.tensor([tok("", 0), tok("a photograph of an astronaut riding a horse", 0)])
+    assert ids[1, -1] == 0 and ids[0, 1] == 49407 and ids[0, 2] == 0
+    with torch.no_grad():
+        r, a = ref(ids), text(ids)
+    assert r.std() > 0.1 and _rel_l2(a, r) <= 1e-5
+    # the last block is in the layout and unused: changing it changes nothing, while the block before it matters
+    with torch.no_grad():
+        text.layers[-1].mlp.fc1.weight.add_(1.0)
+        assert torch.equal(text(ids), a)
+        text.layers[-2].mlp.fc1.weight.add_(1.0)
+        assert _rel_l2(text(ids), r) > 1e-2
 
 
 def test_text_vae_vit_from_h5_match_references(variants, converted):

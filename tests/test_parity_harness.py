@@ -17,20 +17,25 @@ from sdport.parity.report import ISOLATED
 
 # component -> fixture variant it runs on
 CASES = {"unet": "lightning", "text_model": "lightning", "encoder": "lightning", "decoder": "lightning",
-         "vit_openai": "vit_openai", "vit_hf": "vit_hf"}
+         "vit_openai": "vit_openai", "vit_hf": "vit_hf", "unet_v2": "v2", "text_model_v2": "v2"}
 # Pairs the map makes that no hook can observe, and why (anything else unobserved is a bug).
 EXPECTED_UNPAIRED = {
     "text_model": {"embed.position"},  # native indexes position.weight; never calls the Embedding
     "vit_openai": {"layers.0.attn.out", "layers.1.attn.out"},  # nn.MultiheadAttention uses out_proj functionally
     "vit_hf": {"embed.position"},
+    "text_model_v2": {"layers.0.attn.out", "layers.1.attn.out"},  # OpenCLIP's blocks are nn.MultiheadAttention
 }
+
+
+def _component(case: str) -> str:
+    return "vit" if case.startswith("vit") else case.removesuffix("_v2")
 
 
 @pytest.fixture(scope="module")
 def fp32_results(variants, converted):
     out = {}
     for case, variant in CASES.items():
-        component = "vit" if case.startswith("vit") else case
+        component = _component(case)
         out[case] = harness.run_parity(component, variants[variant], h5=converted[variant])
     return out
 
@@ -46,7 +51,7 @@ def test_every_component_passes_fp32_and_lists_every_layer(fp32_results, convert
     assert partial <= set(result.unpaired)
     assert all(set(l.metrics) == {"isolated"} for l in rep.layers if l.native in partial)
 
-    component = "vit" if case.startswith("vit") else case
+    component = _component(case)
     native, cfg, fmt = harness.load_native(converted[CASES[case]], component, "cpu", torch.float32)
     specs, covered = layer_map(component, cfg, fmt)
     reported = {l.native for l in rep.layers}

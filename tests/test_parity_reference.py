@@ -13,7 +13,8 @@ from sdport.parity.components import entry
 
 # (component, fixture variant): every reference builder, and checkpoints that carry position_ids / EMA.
 CASES = [("unet", "lightning"), ("text_model", "lightning"), ("encoder", "lightning"), ("decoder", "lightning"),
-         ("text_model", "position_ids"), ("unet", "ema"), ("vit", "vit_openai"), ("vit", "vit_hf")]
+         ("text_model", "position_ids"), ("unet", "ema"), ("vit", "vit_openai"), ("vit", "vit_hf"),
+         ("unet", "v2"), ("text_model", "v2")]
 
 
 def _copied_reference(component, path):
@@ -44,8 +45,10 @@ def test_reference_on_meta_equals_reference_loaded_by_copy(variants, component, 
         assert getattr(ref, other) is None  # the unloaded half is dropped, not left on meta
     else:
         assert set(tensors) == set(want_tensors)
+    if variant == "v2" and component == "text_model":  # FrozenOpenCLIPText's causal mask is built, not loaded
+        assert torch.equal(tensors["attn_mask"], torch.full((77, 77), float("-inf")).triu(1))
     ids = [t for n, t in tensors.items() if n.endswith("position_ids")]
-    if component == "text_model" or variant == "vit_hf":
+    if (component == "text_model" and variant != "v2") or variant == "vit_hf":
         assert len(ids) == 1 and torch.equal(ids[0][0], torch.arange(ids[0].shape[1]))
 
 

@@ -199,6 +199,76 @@ def test_inpainting_model_matches_reference_pipeline(converted, ref_inpaint):
 
 
 # ---------------------------------------------------------------------------------------------
+# SD 2.x: the same runs on the 2.x fixtures (linear projections, 16-wide heads, OpenCLIP text tower)
+# ---------------------------------------------------------------------------------------------
+
+
+class Reference2(ReferencePipeline):
+    """The reference pipeline on an SD 2.x checkpoint, text in through open_clip.tokenize's framing
+    (FrozenOpenCLIPEmbedder.forward: open_clip.tokenize, then encode_with_transformer)."""
+
+    def __init__(self, ckpt: str, components=("text_model", "unet", "encoder", "decoder")):
+        import importlib.util
+        from pathlib import Path
+
+        super().__init__(ckpt, components=components)
+        spec = importlib.util.find_spec("open_clip")  # its tokenizer.py by path: the package wants torchvision
+        path = Path(list(spec.submodule_search_locations)[0]) / "tokenizer.py"
+        mod_spec = importlib.util.spec_from_file_location("_openclip_tokenizer_pipeline", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        self.tokenize = module.SimpleTokenizer()  # what open_clip.tokenize calls
+
+    def encode_text(self, text: str) -> torch.Tensor:
+        return self.encode_ids(self.tokenize([text]))
+
+
+@pytest.fixture(scope="module")
+def ref_v2(variants):
+    return Reference2(variants["v2"])
+
+
+@pytest.fixture(scope="module")
+def models_v2(converted):
+    with P.Models(converted["v2"]) as m:
+        yield m
+
+
+def test_v2_txt2img_matches_reference_pipeline(models_v2, ref_v2):
+    assert models_v2.config("text_model").pad_id == 0 and models_v2.config("unet").num_head_channels
+    test_txt2img_matches_reference_pipeline(models_v2, ref_v2, "plms", (16, 16))
+
+
+def test_v2_img2img_matches_reference_pipeline(models_v2, ref_v2, monkeypatch):
+    test_img2img_matches_reference_pipeline(models_v2, ref_v2, monkeypatch, 0.0)
+
+
+def test_v2_inpainting_model_matches_reference_pipeline(variants, converted):
+    # the v1 test, run on the 2.x inpainting fixture in place of the v1 one
+    test_inpainting_model_matches_reference_pipeline({"inpaint": converted["v2_inpaint"]},
+                                                     Reference2(variants["v2_inpaint"]))
+
+
+@pytest.fixture(scope="module")
+def v_model(variants, tmp_path_factory):
+    """The 2.x fixture converted as a v-prediction model (--prediction v), and its reference read as one."""
+    h5 = convert(variants["v2"], str(tmp_path_factory.mktemp("v") / "v.h5"), prediction="v").out
+    ref = Reference2(variants["v2"])
+    ref.model.parameterization = "v"  # what ldm's DDIMSampler reads
+    with P.Models(h5) as m:
+        assert P.prediction(m) == "v"
+        yield m, ref
+
+
+def test_v_model_txt2img_ddim_matches_reference_pipeline(v_model):
+    test_txt2img_matches_reference_pipeline(*v_model, "ddim", (16, 24))
+
+
+def test_v_model_img2img_matches_reference_pipeline(v_model, monkeypatch):
+    test_img2img_matches_reference_pipeline(*v_model, monkeypatch, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
 # Inpainting with a plain model
 # ---------------------------------------------------------------------------------------------
 

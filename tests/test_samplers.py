@@ -13,6 +13,7 @@ import torch
 import ldm.models.diffusion.ddim as ldm_ddim
 import ldm.models.diffusion.plms as ldm_plms
 from ldm.modules.diffusionmodules.util import (
+    extract_into_tensor,
     make_beta_schedule,
     make_ddim_sampling_parameters,
     make_ddim_timesteps,
@@ -407,3 +408,74 @@ def test_errors(eps, inputs, schedule):
         next(S.sample_img2img(denoiser, inputs["x0"], schedule, 10, strength=0.05))
     with pytest.raises(ValueError, match="1-D"):
         S.Schedule.from_alphas_cumprod(torch.ones(2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# v-prediction (SD 2.x 768-v): the denoiser predicts v; the samplers step with eps = sqrt(abar) v + sqrt(1-abar) x
+# ---------------------------------------------------------------------------------------------
+
+
+class VStandIn(StandIn):
+    """LatentDiffusion with parameterization "v": what ldm's DDIMSampler reads to convert."""
+
+    parameterization = "v"
+
+    def predict_eps_from_z_and_v(self, x_t, t, v):
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
+                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
+
+    def predict_start_from_z_and_v(self, x_t, t, v):
+        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.8])
+def test_ddim_on_a_v_model_matches_ldm(eta, eps, inputs, schedule, monkeypatch):
+    """ldm 2.1.5's DDIM converts v (guided) to eps; the native one runs on v_to_eps(guided denoiser)."""
+    steps, seed = 10, 99
+    shared = torch.Generator().manual_seed(seed)
+    patch_noise(monkeypatch, ldm_ddim, shared if eta > 0 else torch.Generator().manual_seed(5))
+    sampler = ldm_ddim.DDIMSampler(VStandIn(eps, noise_gen=shared))
+    ref = record(sampler, "p_sample_ddim")
+    ldm_sample(sampler, steps, inputs, eta=eta)
+
+    denoiser = S.v_to_eps(S.cfg_denoiser(eps, inputs["cond"], inputs["uncond"], SCALE), schedule)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        native, native_x0 = run_native(
+            lambda cb: S.sample_ddim(denoiser, inputs["x_T"], schedule, steps, eta=eta, generator=gen, callback=cb))
+    assert_steps_match(native, native_x0, ref, steps)
+    # read as eps, the same outputs give another trajectory: the conversion is not a no-op here
+    with torch.no_grad():
+        as_eps = list(S.sample_ddim(S.cfg_denoiser(eps, inputs["cond"], inputs["uncond"], SCALE), inputs["x_T"],
+                                    schedule, steps, eta=eta, generator=torch.Generator().manual_seed(seed)))
+    assert rel_l2(as_eps[-1], native[-1]) > 0.1
+
+
+def test_plms_on_a_v_model_against_steps_computed_by_hand(eps, inputs, schedule):
+    """ldm 2.1.5's PLMS would step with v as if it were eps; the native PLMS converts first. Its first two
+    steps (pseudo improved Euler, then Adams-Bashforth 2), written out here from the formulas."""
+    steps = 10
+    guided = S.cfg_denoiser(eps, inputs["cond"], inputs["uncond"], SCALE)
+    with torch.no_grad():
+        native = list(S.sample_plms(S.v_to_eps(guided, schedule), inputs["x_T"], schedule, steps))
+
+        ac = schedule.alphas_cumprod.double()
+        ts = S.ddim_timesteps(steps)[::-1]  # 901, 801, ...: the order PLMS visits them
+
+        def eps_of(x, t):  # eps = sqrt(abar_t) v + sqrt(1 - abar_t) x
+            v = guided(x.float(), torch.full((x.shape[0],), t, dtype=torch.long)).double()
+            return ac[t].sqrt() * v + (1 - ac[t]).sqrt() * x
+
+        def ddim_step(x, e, t, t_prev):  # eta 0: x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) e
+            x0 = (x - (1 - ac[t]).sqrt() * e) / ac[t].sqrt()
+            return ac[t_prev].sqrt() * x0 + (1 - ac[t_prev]).sqrt() * e
+
+        x = inputs["x_T"].double()
+        e0 = eps_of(x, ts[0])
+        e_mid = eps_of(ddim_step(x, e0, ts[0], ts[1]), ts[1])
+        x1 = ddim_step(x, (e0 + e_mid) / 2, ts[0], ts[1])
+        e1 = eps_of(x1, ts[1])
+        x2 = ddim_step(x1, (3 * e1 - e0) / 2, ts[1], ts[2])
+    assert rel_l2(native[0].double(), x1) <= 1e-5 and rel_l2(native[1].double(), x2) <= 1e-5
+    assert rel_l2(x2, inputs["x_T"].double()) > 0.01  # the steps moved the latent

@@ -118,6 +118,16 @@ def test_framing_matches_openclip_on_corpus(ours, openclip):
         assert truncated == (len(openclip.encode(p)) > 75), p
 
 
+def test_sd2_framing_is_open_clip_tokenize_on_corpus(ours, openclip):
+    """SD 2.x feeds open_clip.tokenize's ids (SimpleTokenizer.__call__): pad 0, a cut prompt ends with END."""
+    for p in CORPUS + GENERATED:
+        ids = ours(p, pad=0)
+        assert ids == openclip(p)[0].tolist(), p
+        assert ids[min(len(ours.encode(p)), 75) + 1] == END
+    last = {ours(p, pad=0)[-1] for p in CORPUS}
+    assert last == {0, END}  # the corpus has padded prompts and cut ones
+
+
 def test_vocabulary_matches_openclip(ours, openclip):
     # open_clip names its special tokens <start_of_text>/<end_of_text>; same ids
     assert ours.decoder[:-2] == [openclip.decoder[i] for i in range(VOCAB_SIZE - 2)]

@@ -215,9 +215,9 @@ def _raises_naming(shapes, key):
 def test_infer_config_errors(cfg):
     good = shapes_of(cfg)
 
-    key = "input_blocks.0.0.weight"  # 5 input channels: not SD v1 txt2img or inpainting
-    s = dict(good, **{key: (cfg.model_channels, 5, 3, 3)})
-    assert "5" in _raises_naming(s, key)
+    key = "input_blocks.0.0.weight"  # 6 input channels: not txt2img, inpainting or depth
+    s = dict(good, **{key: (cfg.model_channels, 6, 3, 3)})
+    assert "6" in _raises_naming(s, key)
 
     key = "output_blocks.0.0.out_layers.3.weight"  # a corrupted inner shape
     w = good[key]
@@ -254,3 +254,115 @@ def test_native_names_are_readable():
               "down.0.attn.0.blocks.0.attn2.kv", "down.0.downsample", "mid.res.0", "mid.attn", "mid.res.1",
               "up.1.res.1", "up.1.upsample.conv", "up.0.attn.1.proj_out", "norm_out", "conv_out"]:
         assert n in names, n
+
+
+# --------------------------------------------------------------------------------------- SD 2.x
+
+TINY_V2 = UNetConfig.tiny_v2()
+TINY_V2_9 = UNetConfig.tiny_v2(in_channels=9)
+TINY_V2_DEPTH = UNetConfig.tiny_v2(in_channels=5)
+
+
+@pytest.mark.parametrize("cfg", [TINY_V2, TINY_V2_9, TINY_V2_DEPTH], ids=["v2", "v2_inpaint", "v2_depth"])
+def test_v2_forward_matches_reference(cfg):
+    ref, native = pair(cfg)
+    assert isinstance(ref.middle_block[1].proj_in, torch.nn.Linear)  # ldm built the 2.x transformer
+    x, c = inputs(cfg)
+    check_parity(ref, native, x, torch.tensor([10, 700]), c)
+
+
+def test_v2_heads_per_level_match_ldm():
+    """64-wide heads in SD 2.x (16-wide in the tiny preset): the head count follows each level's width."""
+    ref, native = pair(TINY_V2)
+    for b in cu.blocks(TINY_V2):
+        if b.kind in ("self_attention", "cross_attention"):
+            assert native.get_submodule(b.native).heads == ref.get_submodule(b.source).heads, b
+    assert native.down[0].attn[0].blocks[0].attn1.heads == 2 and native.mid.attn.blocks[0].attn1.heads == 4
+    assert UNetConfig.sd_v2().heads(1280) == 20 and UNetConfig.sd_v1().heads(1280) == 8
+
+
+def test_v2_block_outputs_match():
+    ref, native = pair(TINY_V2)
+    got: dict[str, dict[str, torch.Tensor]] = {"n": {}, "r": {}}
+    handles = []
+    for b in cu.blocks(TINY_V2):
+        for side, m in (("n", native.get_submodule(b.native)), ("r", ref.get_submodule(b.source))):
+            handles.append(m.register_forward_hook(
+                lambda mod, args, out, side=side, name=b.native: got[side].__setitem__(name, out.detach().clone())))
+    try:
+        x, c = inputs(TINY_V2)
+        check_parity(ref, native, x, torch.tensor([30, 600]), c)
+    finally:
+        for h in handles:
+            h.remove()
+    kinds = {b.kind for b in cu.blocks(TINY_V2)}
+    assert "transformer_linear" in kinds and "transformer" not in kinds
+    for b in cu.blocks(TINY_V2):
+        a, r = got["n"][b.native], got["r"][b.native]
+        assert a.shape == r.shape and r.norm() > 0, b
+        assert rel_l2(a, r) <= TOL, (b, rel_l2(a, r))
+
+
+@pytest.mark.parametrize("cfg", [TINY_V2, TINY_V2_9], ids=["v2", "v2_inpaint"])
+def test_v2_round_trip_bit_exact(cfg):
+    test_round_trip_bit_exact(cfg)
+
+
+@pytest.mark.parametrize("cfg", [TINY_V2, UNetConfig.sd_v2()], ids=["tiny_v2", "sd_v2"])
+def test_v2_key_coverage(cfg):
+    with torch.device("meta"):
+        ref = build_reference(cfg)
+    src = ref.state_dict()
+    rows = cu.rows(cfg)
+    assert sorted(s for r in rows for s in r.sources) == sorted(src)
+    proj = [r for r in rows if r.native.endswith(("proj_in.weight", "proj_out.weight"))]
+    assert proj and all(r.transform == "identity" and len(src[r.sources[0]].shape) == 2 for r in proj)
+    if cfg == UNetConfig.sd_v2():
+        assert len(src) == 686  # the UNet's share of a 2.x checkpoint (the same count as v1)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [TINY_V2, TINY_V2_9, TINY_V2_DEPTH, UNetConfig.sd_v2(), UNetConfig.sd_v2(9), UNetConfig.sd_v2(5)],
+    ids=["tiny_v2", "tiny_v2_9", "tiny_v2_5", "sd_v2", "sd_v2_inpainting", "sd_v2_depth"],
+)
+def test_v2_infer_config(cfg):
+    assert cu.infer_config(shapes_of(cfg)) == cfg
+    assert cu.family(cfg) == "sd-v2"
+
+
+def test_v2_head_layout_overrides():
+    shapes = shapes_of(TINY_V2)
+    fixed = cu.infer_config(shapes, num_heads=4)
+    assert fixed.num_head_channels == 0 and fixed.heads(32) == 4 and fixed.heads(64) == 4
+    assert cu.infer_config(shapes, num_head_channels=8).heads(64) == 8
+    # an unknown width gets the 2.x convention: 64-wide heads
+    other = dataclasses.replace(TINY_V2, model_channels=64, num_head_channels=64)
+    assert cu.infer_config(shapes_of(other)) == other
+    # and an SD v1 layout never gets a 2.x head layout
+    assert cu.infer_config(shapes_of(TINY)).num_head_channels == 0
+
+
+def test_v2_config_json_round_trip():
+    for cfg in (TINY_V2, UNetConfig.sd_v2()):
+        assert from_dict(UNetConfig, to_dict(cfg)) == cfg
+    d = to_dict(UNetConfig.sd_v1())
+    del d["num_head_channels"], d["use_linear_in_transformer"]  # a layout written before 2.x support
+    assert from_dict(UNetConfig, d) == UNetConfig.sd_v1()
+    with pytest.raises(ValueError, match="true or false"):
+        from_dict(UNetConfig, dict(d, use_linear_in_transformer=1))
+    with pytest.raises(ValueError, match="0.."):
+        from_dict(UNetConfig, dict(d, num_head_channels=-64))
+
+
+def test_x4_upscaler_refused_in_one_line():
+    shapes = dict(shapes_of(TINY_V2), **{"label_emb.weight": (1000, 4 * TINY_V2.model_channels),
+                                         "input_blocks.0.0.weight": (32, 7, 3, 3)})
+    msg = _raises_naming(shapes, "label_emb.weight")
+    assert "x4 upscaler" in msg and "different architecture" in msg
+
+
+def test_ldm_kwargs_sd_v2():
+    kw = ldm_kwargs(UNetConfig.sd_v2())
+    assert kw["num_head_channels"] == 64 and kw["num_heads"] == -1 and kw["use_linear_in_transformer"]
+    assert kw["context_dim"] == 1024

@@ -29,6 +29,9 @@ def build(checkpoint: str, component: str, *, num_heads: int | None = None, dtyp
           device="cpu") -> torch.nn.Module:
     """The diffusers / transformers model of `component`, holding the checkpoint's weights."""
     cfg, fmt, sd = read_reference_weights(component, checkpoint, num_heads=num_heads)
+    if component == "text_model" and fmt != "compvis":
+        raise ParityError(f"diffusers port: the {fmt} text encoder is not built (only SD 1.x's CLIP, "
+                          f"cond_stage_model.transformer.*); check it with a torch: port")
     with _quiet():
         if component == "vit":
             model = _vit(cfg, fmt, sd)
@@ -94,9 +97,18 @@ def _unet(cfg, full: dict, component: str):
 
     unet = {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "model_channels": cfg.model_channels,
             "channel_mult": list(cfg.channel_mult), "num_res_blocks": cfg.num_res_blocks,
-            "attention_resolutions": [2 ** level for level in cfg.attention_levels], "num_heads": cfg.num_heads,
+            "attention_resolutions": [2 ** level for level in cfg.attention_levels],
             "transformer_depth": cfg.transformer_depth, "context_dim": cfg.context_dim,
-            "use_linear_in_transformer": False}
+            "use_linear_in_transformer": cfg.use_linear_in_transformer}
+    if cfg.num_head_channels:
+        # SD 2.x: heads of a fixed width. diffusers derives the per-level head counts from it only for
+        # linear projections (its 2.x path); the yaml names no head count then.
+        if not cfg.use_linear_in_transformer:
+            raise ParityError("diffusers port: diffusers' config function takes 64-wide heads (num_head_channels) "
+                              "only with linear projections (SD 2.x); this UNet has convolutional ones")
+        unet["num_head_channels"] = cfg.num_head_channels
+    else:
+        unet["num_heads"] = cfg.num_heads
     config = sf.create_unet_diffusers_config_from_ldm(_original_config(unet=unet), full)
     state = sf.convert_ldm_unet_checkpoint(full, config)
     return _load(_empty(lambda: UNetPort.from_config(config)), state, "UNet")
@@ -144,6 +156,7 @@ def _vae(cfg, full: dict, component: str):
 def _text(cfg, full: dict, component: str):
     from diffusers.loaders import single_file_utils as sf
     from transformers import CLIPTextConfig, CLIPTextModel
+
 
     class TextPort(CLIPTextModel):
         """ids -> the last hidden state (what FrozenCLIPEmbedder returns)."""

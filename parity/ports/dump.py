@@ -16,7 +16,7 @@ from ..layers import first_tensor
 from ..metrics import METRICS, compare, default_tolerance
 from ..report import ACCUMULATED, ISOLATED, LapClock, Report, collect_versions, make_layer
 from .. import golden
-from .run import MODEL
+from .run import MODEL, batch_first_rule
 
 
 def _compare(reader: golden.ActivationReader, e: golden.Entry, y: torch.Tensor) -> tuple[dict, str]:
@@ -70,8 +70,12 @@ def run_dump(component: str, checkpoint: str, spec, *, modes=(ACCUMULATED,), dev
         rows, contract = [], []
         clock = LapClock()
 
+        seq_first = batch_first_rule(component, fmt)
+
         def on_output(name, out):
             y = first_tensor(out)
+            if seq_first(name) and y.dim() == 3:
+                y = y.transpose(0, 1)  # [T, B, D] -> [B, T, D], as a dump holds it
             if name == pc.contract_module and not contract:
                 contract.append(y)
             e = wanted.get(name)

@@ -205,6 +205,13 @@ def estimate_spill(component, structure, cpu_inputs, fmt, names, record_inputs: 
         return 0  # a model that does not run on meta: no figure up front (the report still says how much)
 
 
+def batch_first_rule(component: str, fmt: str):
+    """name -> whether that reference module computes sequence-first ([T, B, D]: OpenCLIP's blocks as
+    ldm ran them). Such activations are compared batch-first, as every port and dump holds them."""
+    prefixes = entry(component).sequence_first.get(fmt, ())
+    return lambda name: bool(prefixes) and name.startswith(prefixes)
+
+
 def _hooked(pairing) -> list[Pair]:
     """The pairs observed through hooks (the whole model is compared through the calls' results)."""
     return [p for p in pairing.pairs if p.port != "" and "" not in p.reference]
@@ -219,16 +226,20 @@ def reference_pass(component, ref, names: list[str], inputs, fmt, spill: Spill, 
     hooked = list(names) + ([pc.contract_module] if pc.contract_module and pc.contract_module not in names else [])
     calls = Calls(spill)
     order: list[str] = []
+    seq_first = batch_first_rule(component, fmt)
 
     def on_input(name, args, kwargs):
         if record_inputs and f"in:{name}" not in calls:
+            if seq_first(name) and args and isinstance(args[0], torch.Tensor) and args[0].dim() == 3:
+                args = (args[0].transpose(0, 1), *args[1:])  # [T, B, D] -> [B, T, D]
             calls.put(f"in:{name}", args, kwargs)
 
     def on_output(name, out):
         key = f"out:{name}"
         if key in spill:
             return  # called again: the first call counts
-        spill.put(key, first_tensor(out))
+        y = first_tensor(out)
+        spill.put(key, y.transpose(0, 1) if seq_first(name) and y.dim() == 3 else y)  # [T, B, D] -> [B, T, D]
         order.append(name)
         progress("reference pass", len(order), len(hooked))
 

@@ -13,13 +13,15 @@ import torch
 from ..components import ParityError, entry
 
 
-def load_reference(component: str, checkpoint: str, *, num_heads: int | None = None):
+def load_reference(component: str, checkpoint: str, *, num_heads: int | None = None,
+                   num_head_channels: int | None = None):
     """The reference model with the checkpoint's weights, in fp32 on the CPU: (model, config, source format).
 
     Keys are read exactly as the converter reads them (same plan: prefix, EMA policy). The model is
     built with its parameters on the meta device and takes the checkpoint's tensors as its parameters
     (`assign=True`), so one copy of the weights exists (a full SD v1 UNet is 3.4 GB in fp32)."""
-    cfg, fmt, sd = read_reference_weights(component, checkpoint, num_heads=num_heads)
+    cfg, fmt, sd = read_reference_weights(component, checkpoint, num_heads=num_heads,
+                                          num_head_channels=num_head_channels)
     model = _build_reference(component, cfg, fmt)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     del sd
@@ -40,7 +42,8 @@ def load_reference(component: str, checkpoint: str, *, num_heads: int | None = N
     return model.float().eval().requires_grad_(False), cfg, fmt
 
 
-def read_reference_weights(component: str, checkpoint: str, *, num_heads: int | None = None):
+def read_reference_weights(component: str, checkpoint: str, *, num_heads: int | None = None,
+                           num_head_channels: int | None = None):
     """(config, source format, {source key relative to the component's prefix: fp32 tensor}): the
     checkpoint's tensors of `component`, read as the converter reads them (same plan: prefix, EMA
     policy). A port built from the checkpoint (parity/ports/) starts from the same numbers."""
@@ -48,7 +51,7 @@ def read_reference_weights(component: str, checkpoint: str, *, num_heads: int | 
     from ...convert.detect import plan
 
     with open_checkpoint(checkpoint) as ckpt:
-        p = plan(ckpt, components={component}, num_heads=num_heads)
+        p = plan(ckpt, components={component}, num_heads=num_heads, num_head_channels=num_head_channels)
         if component not in p.components:
             raise ParityError(f"{checkpoint}: no {component} component in this checkpoint "
                               f"(it holds: {', '.join(p.components) or 'none'})")
