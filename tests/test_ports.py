@@ -166,6 +166,18 @@ def test_native_model_as_a_third_party_port_pairs_fused_and_token_layers(variant
     assert p.metrics["isolated"]["rel_l2"] < 1e-5
 
 
+def test_sd2_unet_and_openclip_text_ports(variants, port_file):
+    """SD 2.x: diffusers' UNet with linear projections and 64-wide heads; the OpenCLIP text tower
+    (which the reference runs sequence-first) through a torch: port, compared batch-first."""
+    r = harness.run_parity("unet", variants["v2"], port="diffusers", batch=1)
+    assert r.report.passed and "(100%)" in r.report.inputs["pairing"], r.report.culprit
+    assert any(l.native.endswith("proj_in") and len(l.shape) == 3 for l in r.report.layers)  # a linear on tokens
+    t = harness.run_parity("text_model", variants["v2"], port=f"torch:{port_file}:native", batch=1)
+    assert t.report.passed and "(100%)" in t.report.inputs["pairing"], t.report.culprit
+    code, out, err = run_cli("parity", "text_model", variants["v2"], "--port", "diffusers")
+    assert code == 2 and "openclip text encoder is not built" in err
+
+
 def test_fp16_diffusers_port_passes_the_fp16_gate(variants, port_file):
     r = harness.run_parity("unet", variants["lightning"], port=f"torch:{port_file}:fp16", batch=1, dtype="fp16")
     assert r.report.passed, r.report.culprit
