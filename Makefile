@@ -19,7 +19,7 @@ $(BIN)/python:
 $(VENV)/.sdport-setup: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,ray]"
+	$(BIN)/pip install -q -e ".[test,ray,onnx]"
 	$(BIN)/pip install -q --no-deps "$(LDM)" "$(OPEN_CLIP)"
 	touch $@
 

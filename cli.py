@@ -341,12 +341,31 @@ def convert(src, out, components, dtype, ema, num_heads, num_head_channels, stri
 
 @main.command()
 @click.argument("h5", type=click.Path(dir_okay=True))
-@click.option("-o", "--output", "out", required=True, type=click.Path(),
+@click.option("-o", "--output", "out", default=None, type=click.Path(),
               help="BACK.safetensors (flat) or BACK.ckpt, .pt, .pth, .bin (PyTorch zip); other suffixes are refused.")
 @click.option("--flat", is_flag=True, help="For .ckpt: a flat state dict instead of {'state_dict': ...}.")
+@click.option("--onnx", "out_dir", default=None, type=click.Path(),
+              help="Instead of -o: one ONNX graph per component into this directory, with manifest.json (docs/onnx.md).")
+@click.option("--components", default=None, help="With --onnx: comma-separated subset (default: every component in H5).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="With --onnx: the graphs' dtype [fp32].")
+@click.option("--opset", type=int, default=None, help="With --onnx: the ONNX opset [17].")
 @click.option("--force", is_flag=True, help="Overwrite the destination.")
-def export(h5, out, flat, force):
-    """Write an sdport .h5 back under the source key names (CompVis, or the ViT's source format)."""
+def export(h5, out, flat, out_dir, components, dtype, opset, force):
+    """Write an sdport .h5 back under the source key names (CompVis, or the ViT's source format), or
+    (--onnx DIR) the native models as ONNX graphs."""
+    if out is None and out_dir is None:
+        from .models.storage.layout import LayoutReader
+
+        with LayoutReader(h5):  # what is wrong with the input is the first thing to say
+            pass
+    if (out is None) == (out_dir is None):
+        raise SdportError("export: give either -o FILE (checkpoint) or --onnx DIR (ONNX graphs), not both or neither")
+    if out_dir is not None:
+        if flat:
+            raise SdportError("export: --flat applies to -o checkpoints, not to --onnx")
+        return _export_onnx(h5, out_dir, components, dtype or "fp32", opset, force)
+    if components or dtype or opset is not None:
+        raise SdportError("export: --components, --dtype and --opset apply to --onnx")
     from .convert.convert import check_export_destination, export as run
 
     check_export_destination(h5, out, force=force)  # a directory or the input itself is the first thing to say
@@ -358,6 +377,20 @@ def export(h5, out, flat, force):
 
     counts = run(h5, out, force=force, wrapper="flat" if flat else None)
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def _export_onnx(h5, out_dir, components, dtype, opset, force):
+    from .convert.onnx_export import DEFAULT_OPSET, export_onnx
+
+    with _progress("exporting", "graph") as bar:
+        m = export_onnx(h5, out_dir, components=_components_option(components), dtype=dtype,
+                        opset=DEFAULT_OPSET if opset is None else opset, force=force,
+                        progress=lambda name, done, total: bar.update(done, total))
+    click.echo(f"wrote {out_dir}: {len(m['components'])} ONNX graph(s), opset {m['opset']}, {m['dtype']}")
+    for name, c in m["components"].items():
+        ext = f" + {c['external_data']}" if c["external_data"] else ""
+        click.echo(f"  {c['file']}{ext}: {_human_bytes(c['bytes'])}, ONNX Runtime vs native rel_l2 "
+                   f"{c['ort_check']['rel_l2_vs_native']:.2g}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,7 +737,7 @@ def _component_command(component):
                   help="Whose default tolerances gate (default: int8 when --h5 holds int8 weights, else --dtype).")
     @click.option("--port", default=None, metavar="SPEC",
                   help="Compare a port instead of the native model: diffusers, torch:FILE.py:FUNC, "
-                       "torch:package.module:FUNC or dump:FILE.h5 (docs/ports.md).")
+                       "torch:package.module:FUNC, dump:FILE.h5 (docs/ports.md) or onnx:FILE.onnx[:LEVEL] (docs/onnx.md).")
     @click.option("--num-heads", type=click.IntRange(min=1), default=None,
                   help="UNet attention heads for the reference (and a diffusers port), as for convert.")
     @click.option("--spill-dir", type=click.Path(file_okay=False), default=None,

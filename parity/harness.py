@@ -257,7 +257,7 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
                workdir: str | None = None, progress=None, port: str | None = None,
                num_heads: int | None = None, spill_dir: str | None = None) -> ParityResult:
     """Reference vs native for one component, or vs a port (`port`: 'diffusers', 'torch:FILE.py:FUNC',
-    'dump:FILE.h5'; parity/ports/). `patch_native(model)` may alter the native model before the run
+    'dump:FILE.h5', 'onnx:FILE.onnx[:LEVEL]'; parity/ports/). `patch_native(model)` may alter the native model before the run
     (tests plant faults that way); `progress(what, done, total)` as layers complete. `num_heads`
     (in no shape of a checkpoint) applies to the reference and to a port built by sdport."""
     if port is not None:
@@ -265,6 +265,13 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
         spec = ports.parse_spec(port)
         if h5 is not None:
             raise ParityError("--h5 names the native side's file; with --port the port is compared instead")
+        if spec.kind == "onnx":
+            from .ports.onnx import run_onnx
+            with contextlib.ExitStack() as stack:
+                work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-onnx-", dir=spill_dir))
+                return run_onnx(component, checkpoint, spec, modes=modes, device=device, dtype=dtype, seed=seed,
+                                prompt=prompt, batch=batch, size=size, tolerance=tolerance, num_heads=num_heads,
+                                workdir=work, progress=progress)
         if spec.kind == "dump":
             from .ports.dump import run_dump
             return run_dump(component, checkpoint, spec, modes=modes, device=device, dtype=dtype,

@@ -55,6 +55,8 @@ def summary_text(report: Report, worst: int = 10) -> str:
            f"{c['pass']} pass (rel_l2 <= {fmt(tol.rel_l2)})"]
     if isinstance(pairing, str):
         out.append(f"pairing from the weights: {pairing}")
+    if isinstance(report.inputs.get("first_nonfinite"), str):
+        out.append(f"first inf/NaN: {report.inputs['first_nonfinite']}")
     cul = report.culprit
     out.append("culprit: none" if cul is None else f"culprit: {cul.line()}")
     fd = report.first_divergence

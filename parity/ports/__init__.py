@@ -4,10 +4,13 @@ SPEC is one of
 - `diffusers`: diffusers' / transformers' models built from the checkpoint (ports/diffusers.py);
 - `torch:FILE.py:FUNC` or `torch:package.module:FUNC`: `FUNC(checkpoint, component) -> nn.Module`,
   called with the component's inputs positionally (docs/ports.md: the contract);
-- `dump:FILE.h5`: a schema-2 activation dump written by any runtime (docs/golden.md).
+- `dump:FILE.h5`: a schema-2 activation dump written by any runtime (docs/golden.md);
+- `onnx:FILE.onnx[:LEVEL]`: an ONNX graph run in ONNX Runtime at optimization LEVEL (ports/onnx.py,
+  docs/onnx.md).
 
 A module port is paired with the reference through its weights (ports/pairing.py) and compared layer
-by layer (ports/run.py); a dump is compared by the reference module names it holds (ports/dump.py).
+by layer (ports/run.py); a dump is compared by the reference module names it holds (ports/dump.py); an ONNX graph's nodes are
+paired through the initializers they consume (ports/onnx.py).
 """
 from __future__ import annotations
 
@@ -21,37 +24,48 @@ from ...models.errors import cut
 from ..components import ParityError
 
 
+ONNX_LEVELS = ("disabled", "basic", "extended", "all")  # ONNX Runtime's graph optimization levels
+
+
 @dataclasses.dataclass(frozen=True)
 class PortSpec:
-    kind: str        # "diffusers" | "torch" | "dump"
-    target: str = ""  # the .py file or module (torch), the .h5 file (dump)
-    func: str = ""    # the function (torch)
+    kind: str        # "diffusers" | "torch" | "dump" | "onnx"
+    target: str = ""  # the .py file or module (torch), the .h5 file (dump), the .onnx file (onnx)
+    func: str = ""    # the function (torch), the optimization level (onnx)
 
     @property
     def label(self) -> str:
         return {"diffusers": "diffusers", "torch": f"torch:{self.target}:{self.func}",
-                "dump": f"dump:{self.target}"}[self.kind]
+                "dump": f"dump:{self.target}", "onnx": f"onnx:{self.target}:{self.func}"}[self.kind]
 
 
 def parse_spec(spec: str) -> PortSpec:
-    """'diffusers' | 'torch:FILE.py:FUNC' | 'torch:package.module:FUNC' | 'dump:FILE.h5'."""
+    """'diffusers' | 'torch:FILE.py:FUNC' | 'torch:package.module:FUNC' | 'dump:FILE.h5' |
+    'onnx:FILE.onnx[:LEVEL]'."""
     if spec == "diffusers":
         return PortSpec("diffusers")
     kind, _, rest = spec.partition(":")
     if kind == "dump" and rest:
         return PortSpec("dump", rest)
+    if kind == "onnx" and rest:
+        head, _, level = rest.rpartition(":")
+        if head and level in ONNX_LEVELS:
+            return PortSpec("onnx", head, level)
+        return PortSpec("onnx", rest, "disabled")
     if kind == "torch":
         target, _, func = rest.rpartition(":")
         if target and func.isidentifier():
             return PortSpec("torch", target, func)
     raise ParityError(f"--port {cut(spec, 80)}: expected diffusers, torch:FILE.py:FUNC, "
-                      f"torch:package.module:FUNC or dump:FILE.h5")
+                      f"torch:package.module:FUNC, dump:FILE.h5 or onnx:FILE.onnx[:LEVEL]")
 
 
 def load_port(spec: PortSpec, checkpoint: str, component: str, *, num_heads=None, dtype=None, device="cpu"):
     """The port's module for `component`. A `torch:` port runs the code the user named, by design."""
     import torch
 
+    if spec.kind == "onnx":
+        raise ParityError(f"--port {spec.label}: an ONNX graph is no torch module; it runs through ports.onnx.run_onnx")
     if spec.kind == "diffusers":
         from . import diffusers
         return diffusers.build(checkpoint, component, num_heads=num_heads, dtype=dtype or torch.float32,

@@ -88,7 +88,7 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
 
 
-class _Index:
+class Index:
     """Reference tensors by element count, with a fingerprint (sum of squares) that reshapes and
     transposes keep."""
 
@@ -139,7 +139,7 @@ def _part(t: torch.Tensor, i: int, k: int) -> torch.Tensor:
     return t.chunk(k, dim=0)[i]
 
 
-def _match_one(name: str, p: torch.Tensor, index: _Index) -> list[Match]:
+def _match_one(name: str, p: torch.Tensor, index: Index) -> list[Match]:
     """Every exact match of `p` as one tensor (several when the checkpoint repeats values)."""
     cast = p.dtype != torch.float32
     out = []
@@ -150,7 +150,7 @@ def _match_one(name: str, p: torch.Tensor, index: _Index) -> list[Match]:
     return out
 
 
-def match_parameter(name: str, p: torch.Tensor, index: _Index) -> list[Match] | tuple[str, float] | None:
+def match_parameter(name: str, p: torch.Tensor, index: Index) -> list[Match] | tuple[str, float] | None:
     """Exact matches (possibly several), else (nearest tensor, cosine) for a near miss, else None."""
     p = p.detach()
     if not p.is_floating_point() and p.dtype not in (torch.int8, torch.uint8):
@@ -258,7 +258,7 @@ def pair_modules(port: torch.nn.Module, reference: torch.nn.Module,
     """Pair `port`'s modules with `reference`'s through their weights (module docstring)."""
     ref_tensors = dict(reference_tensors) if reference_tensors is not None else {
         n: p for n, p in reference.named_parameters()}
-    index = _Index(ref_tensors)
+    index = Index(ref_tensors)
     port_params = weights_of(port)
     found: dict[str, list[Match]] = {}
     unmatched: dict[str, str] = {}

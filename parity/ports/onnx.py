@@ -1,0 +1,684 @@
+"""An ONNX graph against the reference, node by node, in ONNX Runtime: `--port onnx:FILE.onnx[:LEVEL]`.
+
+One run (docs/onnx.md):
+1. pairing from the weights: every float initializer of the graph *as stored* is matched to checkpoint
+   tensors (pairing.match_parameter, plus a transpose of 2-D weights: the exporter stores a Linear's
+   weight as MatMul's [in, out]); a reference module pairs with the region of nodes that consumes its
+   weights (onnx_graph.py);
+2. the reference runs once with hooks on the paired modules, spilling outputs and recorded inputs, and
+   is freed;
+3. the graph runs once in ONNX Runtime with every intermediate tensor exposed as a graph output
+   (accumulated mode), and once as it is, at the optimization level LEVEL (default `disabled`): that
+   run gives the whole model's row, and the optimized graph ORT writes says which paired tensors that
+   level fuses away (the report lists them as not observable at that level);
+4. isolated mode: each region is cut out into a graph of its own and fed the reference module's
+   recorded inputs, each in place of the tensor of the graph nearest to it in value (the same rule as
+   for torch ports, by value because a graph has no call to replay);
+5. when a region fails in isolation, the first node inside it that the reference never computes is
+   named (the node rule, `node_culprit`).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from ...models.errors import cut
+from ..components import ParityError, entry
+from ..layers import first_tensor
+from ..metrics import METRICS, compare, default_tolerance
+from ..report import ACCUMULATED, ISOLATED, MODES, LapClock, Report, collect_versions, make_layer
+from ..spill import Spill
+from .onnx_graph import LAYOUT_OPS, Graph, Region
+from .pairing import SIMILARITY, Index, _atom_tensor, _atoms_of_tensor, _module_sets, _representative, match_parameter
+
+MODEL = "(model)"
+
+
+def _ort():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise ParityError(f"--port onnx: needs the onnx extra: pip install 'sdport[onnx]' ({e})") from None
+    return onnx, onnxruntime
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairing
+
+
+class OnnxPair:
+    def __init__(self, reference: tuple[str, ...], kind: str, region: Region, tokens: bool, notes: tuple[str, ...]):
+        self.reference, self.kind, self.region, self.tokens, self.notes = reference, kind, region, tokens, notes
+
+    @property
+    def reference_name(self) -> str:
+        if len(self.reference) == 1:
+            return self.reference[0]
+        heads = {r.rpartition(".")[0] for r in self.reference}
+        tails = ",".join(r.rpartition(".")[2] for r in self.reference)
+        return f"{heads.pop()}.{{{tails}}}" if len(heads) == 1 else "+".join(self.reference)
+
+
+def _match_initializers(graph: Graph, index: Index) -> tuple[dict[str, object], dict[str, str]]:
+    """{initializer: Match} and {initializer: why unmatched} for the float initializers that can hold
+    a weight (more than one value, not all equal: an InstanceNormalization's ones are no weight). A
+    2-D initializer is also tried transposed (MatMul's [in, out] for a Linear's [out, in])."""
+    found, unmatched = {}, {}
+    for name in graph.initializers:
+        a = graph.initializer_array(name)
+        if a.dtype.kind != "f" or a.size < 2 or np.all(a == a.flat[0]):
+            continue
+        t = torch.from_numpy(np.array(a))
+        r = match_parameter(name, t, index)
+        if t.dim() == 2 and not (isinstance(r, list) and r[0].how != "nearest"):
+            rt = match_parameter(name, t.t().contiguous(), index)
+            if isinstance(rt, list) and (rt[0].how != "nearest" or not isinstance(r, list)):
+                r = rt
+        if isinstance(r, list):
+            found[name] = r[0]
+        elif isinstance(r, tuple):
+            unmatched[name] = (f"no checkpoint tensor holds its values (nearest of its size: {r[0]}, cosine "
+                               f"{r[1]:.4f} < {SIMILARITY})")
+        else:
+            unmatched[name] = "no checkpoint tensor of its size holds its values"
+    return found, unmatched
+
+
+def pair_graph(graph: Graph, reference: torch.nn.Module):
+    """(pairs, unpaired {name: why}, {initializer: Match}, coverage, {node: atoms}) for the graph
+    against `reference`."""
+    ref_tensors = dict(reference.named_parameters())
+    matches, unmatched = _match_initializers(graph, Index(ref_tensors))
+    split = {}
+    for m in matches.values():
+        if m.how == "slice":
+            t, _, frac = m.atoms[0].partition("[")
+            split[t] = int(frac.rstrip("]").split("/")[1])
+    ref_sets, ref_mods = _module_sets(reference, ref_tensors, lambda n: _atoms_of_tensor(n, split))
+    atoms = graph.node_atoms({n: frozenset(m.atoms) for n, m in matches.items()})
+    init_of = {}  # node -> the initializer names it consumes (for layout and notes)
+    for i in atoms:
+        init_of[i] = [t for t in graph.nodes[i].input if t in matches]
+    groups: dict[frozenset, list[str]] = {}
+    for m, s in ref_sets.items():
+        groups.setdefault(s, []).append(m)
+    owner = {a: t.rpartition(".")[0] for t in ref_tensors for a in _atoms_of_tensor(t, split)}
+    pairs, unpaired = [], {}
+    for s, names in groups.items():
+        rep = _representative(names, ref_mods)
+        if rep == "":
+            continue  # the whole model: compared through the graph's output
+        if isinstance(ref_mods[rep], (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            unpaired[f"reference {rep}"] = f"a {type(ref_mods[rep]).__name__} is never called: compared through its members"
+            continue
+        weighted = {i for i, a in atoms.items() if a <= s}
+        if not weighted or frozenset().union(*(atoms[i] for i in weighted)) != s:
+            held = {a for i in weighted for a in atoms[i]}
+            why = ("no node consumes its weights alone" if not held else
+                   f"no node set consumes exactly its weights ({len(s - held)} of {len(s)} held only by nodes with other weights)")
+            unpaired[f"reference {rep}"] = why
+            continue
+        if isinstance(ref_mods[rep], torch.nn.Embedding) and not any(graph.nodes[i].op_type == "Gather" for i in weighted):
+            unpaired[f"reference {rep}"] = ("the graph reads its table without a lookup (a slice of positions, added to "
+                                            "the tokens): no node computes this module's output")
+            continue
+        region = graph.region(weighted, atoms)
+        if isinstance(region, str):
+            unpaired[f"reference {rep}"] = region
+            continue
+        pairs.append(OnnxPair((rep,), type(ref_mods[rep]).__name__, region,
+                              _tokens(graph, weighted, init_of, matches, ref_tensors), _notes(weighted, init_of, matches)))
+    # Fused nodes: a node whose weight concatenates several whole reference layers' weights (with the
+    # node adding their concatenated biases) pairs with those layers, in the order of its weight.
+    fused_done = set()
+    for i in sorted(atoms):
+        m = next((matches[t] for t in init_of.get(i, []) if matches[t].how == "concat"), None)
+        if m is None:
+            continue
+        owners = tuple(owner[x] for x in m.atoms)
+        if owners in fused_done or len(set(owners)) != len(owners) or \
+                any(o in {r for p in pairs for r in p.reference} for o in owners):
+            continue
+        union = frozenset().union(*(ref_sets[o] for o in owners))
+        weighted = {j for j, a in atoms.items() if a <= union}
+        if frozenset().union(*(atoms[j] for j in weighted)) != union:
+            continue
+        region = graph.region(weighted, atoms)
+        if isinstance(region, str):
+            continue
+        fused_done.add(owners)
+        pairs.append(OnnxPair(owners, type(ref_mods[owners[0]]).__name__, region,
+                              _tokens(graph, weighted, init_of, matches, ref_tensors), ()))
+        for o in owners:
+            unpaired.pop(f"reference {o}", None)
+    leaves = [m for m in ref_sets if any(t.rpartition(".")[0] == m for t in ref_tensors)]
+    paired_refs = {r for p in pairs for r in p.reference} | {n for p in pairs for s, ns in groups.items()
+                                                            if p.reference[0] in ns for n in ns}
+    coverage = {"reference_layers": len(leaves), "reference_layers_paired": sum(m in paired_refs for m in leaves),
+                "reference_modules": len(ref_sets), "reference_modules_paired": len(paired_refs & set(ref_sets)),
+                "port_parameters": len(matches) + len(unmatched), "port_parameters_matched": len(matches)}
+    for name, why in unmatched.items():
+        unpaired[f"initializer {name}"] = why
+    return pairs, unpaired, matches, coverage, atoms
+
+
+def _tokens(graph: Graph, weighted, init_of, matches, ref_tensors) -> bool:
+    """The region computes on tokens [B, HW, C] where the reference has [B, C, H, W]: its weight is a
+    2-D initializer matched to a 4-D (1x1 convolution) weight. Known from the weights, not shapes."""
+    for i in weighted:
+        for t in init_of.get(i, []):
+            m = matches[t]
+            ref = ref_tensors.get(_atom_tensor(m.atoms[0]))
+            if ref is not None and ref.dim() == 4 and len(graph.initializers[t].dims) == 2:
+                return True
+    return False
+
+
+def _notes(weighted, init_of, matches) -> tuple[str, ...]:
+    out = []
+    for i in sorted(weighted):
+        for t in init_of.get(i, []):
+            m = matches[t]
+            if m.how == "nearest":
+                out.append(f"initializer {t} is not bit-equal to {m.atoms[0]} (cosine {m.similarity:.6f}): "
+                           f"quantized or changed")
+    return tuple(out)
+
+
+def coverage_line(c: dict) -> str:
+    pct = 100.0 * c["reference_layers_paired"] / c["reference_layers"] if c["reference_layers"] else float("nan")
+    return (f"{c['reference_layers_paired']} of {c['reference_layers']} reference layers with weights paired "
+            f"({pct:.0f}%), {c['reference_modules_paired']} of {c['reference_modules']} modules at every level; "
+            f"{c['port_parameters_matched']} of {c['port_parameters']} weight initializers matched")
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime
+
+
+def _session(model_or_path, level: str, device: str, optimized_path: str | None = None):
+    _, ort = _ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    src = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
+    try:
+        return ort.InferenceSession(src, opts, providers=providers)
+    except Exception as e:  # ORT's refusal of the graph: one line
+        raise ParityError(f"--port onnx: ONNX Runtime refuses the graph ({cut(str(e).splitlines()[0], 200)})") from None
+
+
+def _feeds(sess, graph: Graph, component: str, cpu_inputs: dict) -> dict[str, np.ndarray]:
+    """The component's inputs for the graph's inputs: by name where the graph uses the native call's
+    names (x, t, context, ...), else in call order; each cast to the type the graph declares."""
+    from ...models.components import component as native_entry
+
+    names = list(native_entry(component).inputs)
+    declared = sess.get_inputs()
+    if len(declared) != len(names):
+        raise ParityError(f"--port onnx: the graph takes {len(declared)} input(s) ({', '.join(d.name for d in declared)}); "
+                          f"the {component} call has {len(names)} ({', '.join(names)})")
+    by_name = {d.name for d in declared} == set(names)
+    out = {}
+    for i, d in enumerate(declared):
+        v = cpu_inputs[d.name if by_name else names[i]].numpy()
+        out[d.name] = v.astype(_NP_TYPES.get(d.type, v.dtype))
+    return out
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _types(model) -> dict[str, int]:
+    """{tensor: ONNX element type} from shape inference (what ORT needs to declare an output)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # past protobuf's 2 GB or an op inference does not know: the declared types only
+        inferred = model
+    g = inferred.graph
+    return {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)
+            if v.type.tensor_type.elem_type}
+
+
+def _exposed(model, names: list[str], types: dict[str, int]):
+    """A copy of `model` with `names` (those of a known type) as extra graph outputs."""
+    from onnx import helper
+
+    m = type(model)()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    m.graph.output.extend(helper.make_tensor_value_info(n, types[n], None) for n in names
+                          if n not in have and n in types)
+    return m
+
+
+def observe(graph: Graph, feeds: dict, level: str, device: str) -> dict[str, np.ndarray]:
+    """Every data and shape tensor of one run of the graph whose type is known, by name."""
+    names = [t for i in range(len(graph.nodes)) for t in graph.nodes[i].output
+             if t and t not in graph.const]
+    sess = _session(_exposed(graph.model, names, _types(graph.model)), level, device)
+    outs = [o.name for o in sess.get_outputs()]
+    return dict(zip(outs, sess.run(outs, feeds)))
+
+
+def fused_away(graph: Graph, path: str, feeds: dict, level: str, device: str, work: str, wanted: list[str]):
+    """(the graph's output at `level`, {tensor: why} for the wanted tensors the optimized graph no
+    longer has). Exposing a tensor as an output keeps it; this run exposes none."""
+    import onnx
+
+    opt = os.path.join(work, "optimized.onnx")
+    # ORT writes the optimized graph as one protobuf: past 2 GB of weights it cannot, and none is asked for.
+    big = sum(len(t.raw_data) for t in graph.initializers.values()) >= 2 ** 31 - 2 ** 26
+    check = level != "disabled" and not big
+    sess = _session(path, level, device, optimized_path=opt if check else None)
+    out = sess.run([sess.get_outputs()[0].name], feeds)[0]
+    if not check:
+        return out, {}
+    kept = {t for n in onnx.load(opt, load_external_data=False).graph.node for t in n.output}
+    return out, {t: f"ONNX Runtime's '{level}' optimizations fuse it away (observed with it exposed as an output)"
+                 for t in wanted if t not in kept}
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference pass
+
+
+class _Spilled:
+    """A tensor argument of a recorded call, held in the spill under `key`."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _skeleton(v, spill: Spill, prefix: str, counter: list):
+    if isinstance(v, torch.Tensor):
+        key = f"{prefix}:{counter[0]}"
+        counter[0] += 1
+        spill.put(key, v)
+        return _Spilled(key)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_skeleton(x, spill, prefix, counter) for x in v)
+    return v
+
+
+def _refill(v, spill: Spill):
+    if isinstance(v, _Spilled):
+        return spill.get(v.key)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_refill(x, spill) for x in v)
+    return v
+
+
+def _reference_output(outs: list[torch.Tensor]) -> torch.Tensor:
+    """Several reference layers of one fused node: their outputs concatenated along the feature axis."""
+    if len(outs) == 1:
+        return outs[0]
+    return torch.cat(outs, dim=1 if outs[0].dim() == 4 else -1)
+
+
+@torch.no_grad()
+def reference_pass(component, ref, pairs: list[OnnxPair], inputs, fmt, spill: Spill, record_inputs: bool):
+    """Run the reference with hooks on the paired modules; spill each pair's output (and the first
+    member's recorded call). Returns the pairs in completion order and the whole model's output."""
+    from ..capture import hooks
+
+    pc = entry(component)
+    members: dict[str, list[tuple[int, int]]] = {pc.contract_module: []} if pc.contract_module else {}
+    for k, p in enumerate(pairs):
+        for i, r in enumerate(p.reference):
+            members.setdefault(r, []).append((k, i))
+    got: dict[int, dict[int, torch.Tensor]] = {}
+    order: list[int] = []
+    calls: dict[str, tuple] = {}
+    contract: list[torch.Tensor] = []
+
+    def on_input(rname, args, kwargs):
+        if record_inputs and rname not in calls:
+            calls[rname] = (_skeleton(args, spill, f"in:{rname}", [0]), _skeleton(tuple(kwargs.items()), spill, f"kw:{rname}", [0]))
+
+    def on_output(rname, out):
+        if rname == pc.contract_module and not contract:
+            contract.append(first_tensor(out).detach().float().cpu())
+        for k, i in members[rname]:
+            parts = got.setdefault(k, {})
+            if k in order or i in parts:
+                continue  # called again: the first call counts
+            parts[i] = first_tensor(out).detach().float().cpu()
+            if len(parts) == len(pairs[k].reference):
+                spill.put(f"out:{k}", _reference_output([parts[j] for j in range(len(parts))]))
+                del got[k]
+                order.append(k)
+
+    with hooks(ref, list(members), side="reference", on_input=on_input, on_output=on_output):
+        out = pc.call_reference(ref, inputs, fmt)
+    whole = contract[0] if pc.contract_module else pc.contract_output(out).detach().float().cpu()
+    return order, whole, calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing, isolating, naming the node
+
+
+def _align(y: np.ndarray, r: torch.Tensor, tokens: bool) -> torch.Tensor | None:
+    """A port tensor in the reference's layout (tokens [B, HW, C] -> [B, C, H, W] where the pairing
+    says so), or None when the sizes differ."""
+    t = torch.from_numpy(np.asarray(y, dtype=np.float32))
+    if tuple(t.shape) == tuple(r.shape):
+        return t
+    if t.numel() != r.numel():
+        return None
+    if tokens and t.dim() == 3 and r.dim() == 4:
+        return t.transpose(1, 2).reshape(r.shape)  # [B, HW, C] -> [B, C, HW] -> [B, C, H, W]
+    return t.reshape(r.shape)
+
+
+def _as_port(r: torch.Tensor, like: np.ndarray, tokens: bool) -> np.ndarray:
+    """A reference tensor in the layout and dtype of the port tensor `like` (same element count)."""
+    shape = tuple(like.shape)
+    if tuple(r.shape) != shape:
+        if tokens and r.dim() == 4 and len(shape) == 3:
+            r = r.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
+        r = r.reshape(shape)
+    return r.detach().cpu().numpy().astype(like.dtype)
+
+
+def _metrics(y, r: torch.Tensor, tokens: bool) -> tuple[dict, str]:
+    a = _align(y, r, tokens)
+    if a is None:
+        return ({m: float("nan") for m in METRICS} | {"nonfinite": 0},
+                f"outputs of different sizes (port {list(np.shape(y))}, reference {list(r.shape)}): not compared")
+    return compare(a, r), ""
+
+
+def _reference_inputs(spill: Spill, name: str) -> list[torch.Tensor]:
+    out = []
+    for prefix in ("in", "kw"):
+        j = 0
+        while f"{prefix}:{name}:{j}" in spill:
+            t = spill.get(f"{prefix}:{name}:{j}")
+            if t.is_floating_point():
+                out.append(t)
+            j += 1
+    return out
+
+
+def isolate(graph: Graph, atoms, p: OnnxPair, values: dict, spill: Spill):
+    """The region cut out and fed the reference module's recorded inputs, each in place of the tensor
+    upstream of the region's inputs nearest to it in value (weightless nodes in between join the cut).
+    Returns (kept nodes, feeds, names fed with the reference's values) or None without inputs."""
+    ref_in = _reference_inputs(spill, p.reference[0])
+    if not ref_in:
+        return None
+    cands = [(u, chain) for t in p.region.inputs for u, chain in graph.upstream(t, atoms) if u in values]
+    kept, chosen = set(p.region.nodes), {}
+    for r in ref_in:
+        best, best_d = None, float("inf")
+        for u, chain in cands:
+            v = values[u]
+            if u in chosen or v.size != r.numel() or v.dtype.kind != "f":
+                continue
+            a = torch.from_numpy(_as_port(r, v, p.tokens).astype(np.float64))
+            d = float((torch.from_numpy(v.astype(np.float64)) - a).norm() / max(float(a.norm()), 1e-30))
+            if d < best_d:
+                best, best_d = (u, chain), d
+        if best is not None:
+            chosen[best[0]] = _as_port(r, values[best[0]], p.tokens)
+            kept.update(best[1])
+    produced = {t for i in kept for t in graph.nodes[i].output if t}
+    feeds = {}
+    for i in sorted(kept):
+        for t in graph.nodes[i].input:
+            if t and t not in produced and t not in graph.const and t not in feeds:
+                feeds[t] = chosen[t] if t in chosen else values[t]
+    return sorted(kept), feeds, set(chosen)
+
+
+def run_region(graph: Graph, kept, feeds, outputs, values, level: str, device: str) -> dict[str, np.ndarray]:
+    """The nodes `kept` run on `feeds`; `outputs` (their dtypes as observed in `values`)."""
+    from onnx import helper
+
+    outputs = [o for o in outputs if o in values]
+    m = graph.subgraph(kept, feeds, {o: values[o].dtype for o in outputs}, helper.np_dtype_to_tensor_dtype)
+    sess = _session(m, level, device)
+    return dict(zip(outputs, sess.run(outputs, feeds)))
+
+
+class _Record(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every floating tensor an op produces inside the reference module's call, sorted (a value set
+    that any permutation of the same tensor shares), by element count."""
+
+    def __init__(self):
+        super().__init__()
+        self.values: dict[int, list[torch.Tensor]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 1:
+                self.values.setdefault(t.numel(), []).append(t.detach().double().flatten().sort().values)
+        return out
+
+
+def node_culprit(graph: Graph, kept, feeds, got: dict, recorded, bound: float) -> str | None:
+    """The node rule (docs/onnx.md): in the region run on the reference's inputs, the first node (graph
+    order) whose output no tensor of the reference module's own computation matches as a set of values
+    (permutation-free: a transpose matches), whose data inputs all agree with the reference, and after
+    which no node of the region matches again. Layout-only ops pass their inputs' agreement on."""
+    def matches(v):
+        if v is None or v.dtype.kind != "f" or v.size < 2:
+            return False
+        s = torch.from_numpy(v.astype(np.float64)).flatten().sort().values
+        return any(float((s - w).norm()) <= bound * max(float(w.norm()), 1e-30) for w in recorded.get(v.size, ()))
+
+    agree = set(feeds) | graph.const | graph.shape
+    true_match, order = set(), sorted(kept)
+    for i in order:
+        outs = graph.data_outputs(i)
+        if outs and all(matches(got.get(o)) for o in outs):
+            true_match.add(i)
+            agree.update(outs)
+        elif graph.nodes[i].op_type in LAYOUT_OPS and all(t in agree for t in graph.data_inputs(i)):
+            agree.update(outs)
+    keep = set(kept)
+    for i in order:
+        if i in true_match or all(o in agree for o in graph.data_outputs(i)):
+            continue
+        if not all(t in agree for t in graph.data_inputs(i)):
+            continue
+        later = graph._reach({i}, True) & keep - {i}
+        if not later & true_match:
+            n = graph.nodes[i]
+            return (f"first node off the reference: {graph.name(i)} ({n.op_type}): its inputs agree with tensors the "
+                    f"reference computes, its output with none, and nothing after it in the region agrees again")
+    return None
+
+
+def _region_name(graph: Graph, region: Region) -> str:
+    i = graph.producer.get(region.output, region.nodes[-1])
+    return graph.name(i) + (f" [{len(region.nodes)} nodes]" if len(region.nodes) > 1 else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _load_graph(path: str):
+    import onnx
+
+    if not os.path.isfile(path):
+        raise ParityError(f"--port onnx:{path}: no such file")
+    try:
+        model = onnx.load(path, load_external_data=True)
+    except Exception as e:
+        raise ParityError(f"--port onnx:{path}: not an ONNX model ({type(e).__name__}: {cut(e, 120)})") from None
+    if not model.graph.node:
+        raise ParityError(f"--port onnx:{path}: the graph has no nodes")
+    return model
+
+
+def _first_nonfinite(graph: Graph, values: dict) -> tuple[int, int] | None:
+    """(node, count) of the first node in graph order whose float output holds an inf or a NaN."""
+    for i in range(len(graph.nodes)):
+        for t in graph.data_outputs(i):
+            v = values.get(t)
+            if v is not None and v.dtype.kind == "f":
+                bad = int((~np.isfinite(v)).sum())
+                if bad:
+                    return i, bad
+    return None
+
+
+def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str = "cpu", dtype: str = "fp32",
+             seed: int = 0, prompt: str | None = None, batch: int = 2, size: int | None = None, tolerance=None,
+             num_heads: int | None = None, workdir: str | None = None, progress=None):
+    from .. import harness
+    from ..reference.load import load_reference
+
+    _ort()
+    progress = progress or harness.no_progress
+    path, level = spec.target, spec.func or "disabled"
+    pc = entry(component)
+    modes = tuple(m for m in MODES if m in modes)
+    dev = harness.resolve_device(device)
+    harness.deterministic()
+    tol = tolerance or default_tolerance(dtype)
+    model = _load_graph(path)
+    graph = Graph(model)
+    with contextlib.ExitStack() as stack:
+        work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-onnx-"))
+        ref, cfg, fmt = load_reference(component, checkpoint, num_heads=num_heads)
+        pairs, unpaired, matches, coverage, atoms = pair_graph(graph, ref)
+        encode = None
+        if pc.takes_prompt_context and prompt is not None:
+            from .run import reference_text_context
+            encode = lambda ids: reference_text_context(checkpoint, ids, torch.device("cpu"))  # noqa: E731
+        cpu_inputs, desc = harness.draw_inputs(component, cfg, seed=seed, batch=batch, size=size, prompt=prompt,
+                                               encode_text=encode)
+        desc.update(checkpoint=os.path.basename(checkpoint), port=spec.label, source_format=fmt,
+                    reference_dtype="fp32", pairing=coverage_line(coverage), pairing_counts=coverage,
+                    onnx_optimization=level, onnx_nodes=len(graph.nodes))
+        spill = stack.enter_context(Spill(work))
+        order, whole, calls = reference_pass(component, ref, pairs, cpu_inputs, fmt, spill, ISOLATED in modes)
+        progress("reference pass", 1, 1)
+        del ref
+        gc.collect()
+
+        deploy = _session(path, level, device)
+        feeds = _feeds(deploy, graph, component, cpu_inputs)
+        desc["onnx_provider"] = deploy.get_providers()[0]
+        out, gone = fused_away(graph, path, feeds, level, device, work,
+                               [pairs[k].region.output for k in order])
+        del deploy
+        values = {**feeds, **observe(graph, feeds, level, device)}
+        bad = _first_nonfinite(graph, values)
+        if bad is not None:
+            desc["first_nonfinite"] = (f"{graph.name(bad[0])} ({graph.nodes[bad[0]].op_type}) is the first node, in "
+                                       f"graph order, whose output holds inf/NaN ({bad[1]} values)")
+        rows, clock = [], LapClock()
+        for n, k in enumerate(order):
+            p = pairs[k]
+            r = spill.get(f"out:{k}")
+            y = values.get(p.region.output)
+            if y is None:
+                unpaired[f"port {_region_name(graph, p.region)}"] = f"paired with {p.reference_name}, but its output is not observable"
+                continue
+            if np.size(y) != r.numel():
+                # Same weights, different outputs: the graph computes more or less in the region (a norm
+                # applied to the pooled token only). The model's row still compares the end.
+                unpaired[f"port {_region_name(graph, p.region)}"] = (
+                    f"paired with {p.reference_name}; outputs of different sizes (port {list(np.shape(y))}, "
+                    f"reference {list(r.shape)}): not compared")
+                continue
+            acc, why = _metrics(y, r, p.tokens) if ACCUMULATED in modes else (None, "")
+            iso = None
+            if ISOLATED in modes and not why:
+                try:
+                    cut_ = isolate(graph, atoms, p, values, spill)
+                    if cut_ is not None:
+                        got = run_region(graph, cut_[0], cut_[1], [p.region.output], values, level, device)
+                        iso, why = _metrics(got[p.region.output], r, p.tokens)
+                except (KeyError, ParityError) as e:  # a tensor of unknown type, or ORT refuses the cut
+                    why = f"isolated run failed: {cut(e, 160)}"
+
+            notes = list(p.notes) + ([why] if why else [])
+            if p.region.output in gone:
+                notes.append(gone[p.region.output])
+                unpaired[f"port {_region_name(graph, p.region)} at '{level}'"] = gone[p.region.output]
+            if bad is not None and bad[0] in p.region.nodes:
+                notes.append(f"contains the first node producing inf/NaN: {graph.name(bad[0])}")
+            rows.append((k, acc, iso, tuple(r.shape), "; ".join(notes)))
+            clock.lap(str(k))
+            progress("ONNX regions" + (" (and isolated runs)" if ISOLATED in modes else ""), n + 1, len(order))
+        desc["onnx_not_observable_at_level"] = sum(k.endswith(f" at '{level}'") for k in unpaired)
+        layers = [make_layer(j, _region_name(graph, pairs[k].region), pairs[k].reference_name, pairs[k].kind, shape,
+                             tol, accumulated=acc, isolated=iso, seconds=clock.seconds.get(str(k)), note=note)
+                  for j, (k, acc, iso, shape, note) in enumerate(rows)]
+        m, why = _metrics(out, whole, False)
+        contract = next((p for p in pairs if p.reference == (pc.contract_module,)), None)
+        if contract is not None and contract.region.output in values:
+            # The contract is a module's output (the encoder's moments before the clamp), not the graph's.
+            m, why = _metrics(values[contract.region.output], whole, contract.tokens)
+            why = why or f"the output of {_region_name(graph, contract.region)}, paired with {pc.contract_module}"
+        layers.append(make_layer(len(layers), MODEL, MODEL, "model", tuple(whole.shape), tol,
+                                 accumulated=m if ACCUMULATED in modes else None,
+                                 isolated=m if ISOLATED in modes else None, note=why))
+        layers = _name_the_node(layers, rows, pairs, graph, atoms, values, spill, calls, component, checkpoint,
+                                num_heads, level, device, tol)
+        desc["spilled_bytes"] = spill.bytes
+    report = Report(component, modes, dtype, f"{harness.device_name(dev)}; ONNX Runtime {desc['onnx_provider']}",
+                    tol, desc, collect_versions(onnx=_ort()[0].__version__, onnxruntime=_ort()[1].__version__),
+                    tuple(layers), candidate="port")
+    return harness.ParityResult(report, unpaired, {})
+
+
+def _name_the_node(layers, rows, pairs, graph, atoms, values, spill, calls, component, checkpoint, num_heads,
+                   level, device, tol):
+    """For the culprit found in isolation: the node rule inside its region, as the layer's note."""
+    import dataclasses
+
+    from ..reference.load import load_reference
+    from ..report import find_culprit
+
+    c = find_culprit(layers)
+    if c is None or c.mode != ISOLATED or c.native == MODEL:
+        return layers
+    k = rows[c.index][0]
+    p = pairs[k]
+    if len(p.reference) != 1 or p.reference[0] not in calls:
+        return layers
+    cut_ = isolate(graph, atoms, p, values, spill)
+    if cut_ is None:
+        return layers
+    kept, feeds, _ = cut_
+    outs = [t for i in kept for t in graph.data_outputs(i)]
+    got = run_region(graph, kept, feeds, outs, values, level, device)
+    ref, _, _ = load_reference(component, checkpoint, num_heads=num_heads)
+    module = dict(ref.named_modules())[p.reference[0]]
+    args, kwargs = calls[p.reference[0]]
+    rec = _Record()
+    with torch.no_grad(), rec:
+        module(*_refill(args, spill), **dict(_refill(kwargs, spill)))
+    del ref
+    finding = node_culprit(graph, kept, feeds, got, rec.values, tol.rel_l2 or 1e-5)
+    if finding is None:
+        finding = "no single node departs from the reference by the node rule (docs/onnx.md)"
+    l = layers[c.index]
+    layers[c.index] = dataclasses.replace(l, note="; ".join(x for x in (l.note, finding) if x))
+    return layers
+
