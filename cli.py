@@ -740,7 +740,7 @@ def _component_command(component):
                        "torch:package.module:FUNC, dump:FILE.h5 (docs/ports.md) or onnx:FILE.onnx[:LEVEL] (docs/onnx.md).")
     @click.option("--num-heads", type=click.IntRange(min=1), default=None,
                   help="UNet attention heads for the reference (and a diffusers port), as for convert.")
-    @click.option("--spill-dir", type=click.Path(file_okay=False), default=None,
+    @click.option("--spill-dir", type=click.Path(file_okay=False, exists=True), default=None,
                   help="Where the reference's activations wait for the candidate (default: the system's temp dir).")
     @_input_options
     @_gate_options

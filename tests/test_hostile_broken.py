@@ -586,7 +586,7 @@ def test_sigkill_during_conversion_leaves_no_half_written_destination(base, tmp_
 # ------------------------------------------------------------------------------------ the CLI itself
 
 # Valid companions for a command's other file parameters, by parameter name; outputs are left alone.
-_OUTPUTS = {"out", "out_dir", "output", "json_path", "junit", "html", "png"}
+_OUTPUTS = {"out", "out_dir", "output", "json_path", "junit", "html", "png", "spill_dir"}  # spill_dir: a working directory, like out_dir
 
 
 def _commands(group=main, prefix=()):

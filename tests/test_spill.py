@@ -156,3 +156,8 @@ def test_txt2img_parity_never_holds_both_pipelines(variants, monkeypatch):
     r = txt2img.run_txt2img(variants["lightning"], prompt="a cube", steps=2, height=64, width=64, layer_steps=[1])
     assert len(refs) == 3 and alive and not any(alive)  # UNet, text encoder and decoder: all freed first
     assert r.layers[1].report.layers
+
+
+def test_a_missing_spill_directory_is_one_line(variants, tmp_path):
+    code, out, err = run_cli("parity", "decoder", variants["lightning"], "--spill-dir", tmp_path / "nope")
+    assert code == 2 and "nope" in err and "Traceback" not in err
