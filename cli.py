@@ -410,15 +410,9 @@ MAX_PROMPTS_FILE = 16 << 20  # bytes of a --file of prompts
 
 def _read_prompts(path: str) -> list[str]:
     """The lines of a prompts file: a regular file (a FIFO would block), at most MAX_PROMPTS_FILE bytes, UTF-8."""
-    import stat
+    from .models.storage.small import read_regular
 
-    try:
-        with open(path, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK)) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise SdportError(f"{path}: not a regular file (a pipe, socket or device)")
-            data = f.read(MAX_PROMPTS_FILE + 1)
-    except FileNotFoundError:
-        raise SdportError(f"{path}: no such file") from None
+    data = read_regular(path, MAX_PROMPTS_FILE)
     if len(data) > MAX_PROMPTS_FILE:
         raise SdportError(f"{path}: larger than {MAX_PROMPTS_FILE >> 20} MiB; split it into smaller files")
     try:

@@ -111,19 +111,21 @@ def rows(cfg: TextConfig) -> list[Row]:
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> TextConfig:
     """Prefix-stripped source keys -> shapes  ->  the TextConfig they imply (every mapped key checked)."""
-    what = "CLIP text encoder"
-    tok = "embeddings.token_embedding.weight"
-    vocab, width = shape_of(shapes, tok, 2, what, "[vocab, width]")
-    max_positions, _ = shape_of(shapes, "embeddings.position_embedding.weight", 2, what, f"[positions, {width}]")
-    fc1 = "encoder.layers.0.mlp.fc1.weight"
+    return config_from_keys(shapes, "CLIP text encoder", rows, token="embeddings.token_embedding.weight",
+                            position="embeddings.position_embedding.weight", fc1="encoder.layers.0.mlp.fc1.weight",
+                            layers=r"^encoder\.layers\.(\d+)\.", first_layer="encoder.layers.0.layer_norm1.weight")
+
+
+def config_from_keys(shapes: dict[str, tuple[int, ...]], what: str, rows_of, *, token: str, position: str, fc1: str,
+                     layers: str, first_layer: str, **fixed) -> TextConfig:
+    """The TextConfig a text tower's shapes imply, from its anchor keys (token and position tables, the
+    first MLP, the layer-numbering pattern); `fixed` sets what no shape says. Every mapped key is checked
+    against the config's rows (`rows_of(cfg)`)."""
+    vocab, width = shape_of(shapes, token, 2, what, "[vocab, width]")
+    max_positions, _ = shape_of(shapes, position, 2, what, f"[positions, {width}]")
     intermediate, _ = shape_of(shapes, fc1, 2, what, f"[intermediate, {width}]")
-    cfg = TextConfig(
-        vocab_size=vocab,
-        max_positions=max_positions,
-        hidden=width,
-        heads=heads_for(width, tok, shapes[tok], what),
-        layers=layer_count(shapes, r"^encoder\.layers\.(\d+)\.", what, "encoder.layers.0.layer_norm1.weight"),
-        intermediate=intermediate,
-    )
-    check_shapes(shapes, expected_source_shapes(TextEncoder, cfg, rows(cfg)), what)
+    cfg = TextConfig(vocab_size=vocab, max_positions=max_positions, hidden=width,
+                     heads=heads_for(width, token, shapes[token], what),
+                     layers=layer_count(shapes, layers, what, first_layer), intermediate=intermediate, **fixed)
+    check_shapes(shapes, expected_source_shapes(TextEncoder, cfg, rows_of(cfg)), what)
     return cfg

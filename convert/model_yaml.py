@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 
 from ..models.errors import SdportError
+from ..models.storage.small import read_regular
 
 MAX_BYTES = 1 << 20  # the SD yamls are 2-3 KB
 SOURCES = ("shapes", "yaml", "flag", "assumed")
@@ -48,17 +48,7 @@ def read(path: str) -> dict:
     """The yaml as plain data, or SdportError in one line (file, line, what was expected)."""
     import yaml
 
-    try:
-        with open(path, "rb", opener=lambda p, fl: os.open(p, fl | os.O_NONBLOCK)) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise SdportError(f"{path}: not a regular file (a pipe, socket or device)")
-            data = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise SdportError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise SdportError(f"{path}: a directory, expected a yaml file") from None
-    except OSError as e:
-        raise SdportError(f"{path}: cannot read it ({e.strerror})") from None
+    data = read_regular(path, MAX_BYTES, "a yaml file")
     if len(data) > MAX_BYTES:
         raise SdportError(f"{path}: larger than {MAX_BYTES} bytes; expected an ldm inference yaml (a few KB)")
     try:

@@ -11,9 +11,9 @@ block (`layer: "penultimate"` in every SD 2.x yaml) and padding with 0 (`open_cl
 """
 from __future__ import annotations
 
-from ..models.clip import TextConfig, TextEncoder
-from .clip_text import check_shapes, expected_source_shapes, heads_for, layer_count, norm_rows
-from .table import Block, Row, shape_of
+from ..models.clip import TextConfig
+from .clip_text import config_from_keys, norm_rows
+from .table import Block, Row
 from .vit import openai_layer_rows
 
 SOURCE_PREFIX = "cond_stage_model.model."
@@ -57,22 +57,7 @@ def rows(cfg: TextConfig) -> list[Row]:
 
 def infer_config(shapes: dict[str, tuple[int, ...]]) -> TextConfig:
     """Prefix-stripped source keys -> shapes  ->  the TextConfig they imply (every mapped key checked)."""
-    what = "OpenCLIP text encoder"
-    tok = "token_embedding.weight"
-    vocab, width = shape_of(shapes, tok, 2, what, "[vocab, width]")
-    max_positions, _ = shape_of(shapes, "positional_embedding", 2, what, f"[positions, {width}]")
-    fc1 = "transformer.resblocks.0.mlp.c_fc.weight"
-    intermediate, _ = shape_of(shapes, fc1, 2, what, f"[intermediate, {width}]")
-    cfg = TextConfig(
-        vocab_size=vocab,
-        max_positions=max_positions,
-        hidden=width,
-        heads=heads_for(width, tok, shapes[tok], what),
-        layers=layer_count(shapes, r"^transformer\.resblocks\.(\d+)\.", what, "transformer.resblocks.0.ln_1.weight"),
-        intermediate=intermediate,
-        activation="gelu",
-        layer="penultimate",
-        pad_id=0,
-    )
-    check_shapes(shapes, expected_source_shapes(TextEncoder, cfg, rows(cfg)), what)
-    return cfg
+    return config_from_keys(shapes, "OpenCLIP text encoder", rows, token="token_embedding.weight",
+                            position="positional_embedding", fc1="transformer.resblocks.0.mlp.c_fc.weight",
+                            layers=r"^transformer\.resblocks\.(\d+)\.", first_layer="transformer.resblocks.0.ln_1.weight",
+                            activation="gelu", layer="penultimate", pad_id=0)
