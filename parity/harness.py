@@ -32,7 +32,7 @@ from ..models.storage import partial as partials
 from ..models.storage.layout import LayoutReader, file_sha256
 from . import golden
 from .capture import hooks, modules_by_name
-from .spill import Calls, Spill, check_room, estimate
+from .spill import Calls, Spill, check_room, estimate_reference
 from .components import TEXT_ENCODER, Drawer, ParityError, cast_floats, entry
 from .reference.load import load_reference, parameters_on_meta  # noqa: F401 (parameters_on_meta: tests)
 from .layers import LayerSpec, first_tensor, layer_map, native_args, reference_output
@@ -321,21 +321,12 @@ def native_config(h5: str, component: str):
 
 
 def _spill_estimate(component, cfg, fmt, specs, cpu_inputs, modes) -> int:
-    """Bytes the reference stage will spill, from a pass of the weightless reference on the meta device
-    (0 where the reference does not run on meta: the report still gives the figure)."""
-    from .reference.load import _build_reference
+    """Bytes the reference stage will spill: its layers' outputs, and for isolated mode their calls."""
+    from .reference.load import weightless_reference
 
-    pc = entry(component)
-    model = _build_reference(component, cfg, fmt)
-    for name in pc.other_half:
-        setattr(model, name, None)
-    meta = {k: v.to("meta") for k, v in cpu_inputs.items()}
     outs = [r for sp in specs for r in sp.reference]
     ins = [sp.reference[0] for sp in specs] if ISOLATED in modes else []
-    try:
-        return estimate(model, lambda m: pc.call_reference(m, meta, fmt), outs, ins)
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return 0
+    return estimate_reference(component, weightless_reference(component, cfg, fmt), cpu_inputs, fmt, outs, ins)
 
 
 @dataclasses.dataclass

@@ -40,13 +40,17 @@ class LayerSpec:
 
     @property
     def reference_name(self) -> str:
-        """One name for reports: 'a.b.to_q' or, fused, 'a.b.{to_q,to_k,to_v}'."""
-        if len(self.reference) == 1:
-            return self.reference[0]
-        heads = {r.rpartition(".")[0] for r in self.reference}
-        if len(heads) != 1:
-            return "+".join(self.reference)
-        return f"{heads.pop()}.{{{','.join(r.rpartition('.')[2] for r in self.reference)}}}"
+        return fused_name(self.reference)
+
+
+def fused_name(modules: tuple[str, ...]) -> str:
+    """One name for reports: 'a.b.to_q' or, fused, 'a.b.{to_q,to_k,to_v}'."""
+    if len(modules) == 1:
+        return modules[0]
+    heads = {r.rpartition(".")[0] for r in modules}
+    if len(heads) != 1:
+        return "+".join(modules)
+    return f"{heads.pop()}.{{{','.join(r.rpartition('.')[2] for r in modules)}}}"
 
 
 def _split(key: str) -> tuple[str, str]:

@@ -146,6 +146,21 @@ def estimate(model: torch.nn.Module, call, outputs, inputs=()) -> int:
     return total[0]
 
 
+def estimate_reference(component: str, model: torch.nn.Module, cpu_inputs: dict, source_format: str, outputs,
+                       inputs=()) -> int:
+    """`estimate` for the reference call of `component` on the meta copies of `cpu_inputs` (`model`
+    weightless, on meta). 0 where the reference does not run on meta: no figure up front (the report
+    still says how much was spilled)."""
+    from .components import entry
+
+    pc = entry(component)
+    meta = {k: v.to("meta") for k, v in cpu_inputs.items()}
+    try:
+        return estimate(model, lambda m: pc.call_reference(m, meta, source_format), outputs, inputs)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return 0
+
+
 def check_room(directory: str, need: int, error) -> None:
     """One line, with the figures, when `directory` has not got `need` bytes free (plus 5%)."""
     import shutil

@@ -34,7 +34,8 @@ from ..metrics import METRICS, compare, default_tolerance
 from ..report import ACCUMULATED, ISOLATED, MODES, LapClock, Report, collect_versions, make_layer
 from ..spill import Spill
 from .onnx_graph import LAYOUT_OPS, Graph, Region
-from .pairing import SIMILARITY, Index, _atom_tensor, _atoms_of_tensor, _module_sets, _representative, match_parameter
+from .pairing import (SIMILARITY, Index, _atom_tensor, _atoms_of_tensor, _module_sets, _representative, match_parameter,
+                      split_tensors)
 
 MODEL = "(model)"
 
@@ -95,11 +96,7 @@ def pair_graph(graph: Graph, reference: torch.nn.Module):
     against `reference`."""
     ref_tensors = dict(reference.named_parameters())
     matches, unmatched = _match_initializers(graph, Index(ref_tensors))
-    split = {}
-    for m in matches.values():
-        if m.how == "slice":
-            t, _, frac = m.atoms[0].partition("[")
-            split[t] = int(frac.rstrip("]").split("/")[1])
+    split = split_tensors(matches)
     ref_sets, ref_mods = _module_sets(reference, ref_tensors, lambda n: _atoms_of_tensor(n, split))
     atoms = graph.node_atoms({n: frozenset(m.atoms) for n, m in matches.items()})
     init_of = {}  # node -> the initializer names it consumes (for layout and notes)

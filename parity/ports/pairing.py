@@ -29,6 +29,8 @@ from typing import Mapping
 
 import torch
 
+from ..layers import fused_name
+
 SIMILARITY = 0.99  # least cosine similarity for a weight that equals no checkpoint tensor exactly
 _SPLITS = (3, 2, 4)  # fused projections: q/k/v, k/v, and 4-way (gates)
 # Layers that store a 2-D weight as [out, in], as the reference's Linear (and a 1x1 conv) does.
@@ -59,12 +61,7 @@ class Pair:
 
     @property
     def reference_name(self) -> str:
-        if len(self.reference) == 1:
-            return self.reference[0]
-        heads = {r.rpartition(".")[0] for r in self.reference}
-        if len(heads) != 1:
-            return "+".join(self.reference)
-        return f"{heads.pop()}.{{{','.join(r.rpartition('.')[2] for r in self.reference)}}}"
+        return fused_name(self.reference)
 
 
 @dataclasses.dataclass
@@ -210,6 +207,16 @@ def _depth(name: str) -> int:
     return 0 if name == "" else name.count(".") + 1
 
 
+def split_tensors(matches: dict[str, Match]) -> dict[str, int]:
+    """{reference tensor: parts} for the tensors the port holds in parts (a fused in_proj as q, k, v)."""
+    split = {}
+    for m in matches.values():
+        if m.how == "slice":
+            t, _, frac = m.atoms[0].partition("[")
+            split[t] = int(frac.rstrip("]").split("/")[1])
+    return split
+
+
 def _atoms_of_tensor(name: str, split: dict[str, int]) -> set[str]:
     k = split.get(name)
     return {f"{name}[{i}/{k}]" for i in range(k)} if k else {name}
@@ -273,11 +280,7 @@ def pair_modules(port: torch.nn.Module, reference: torch.nn.Module,
             unmatched[name] = "no checkpoint tensor of its size holds its values"
     matches = _resolve(found)
 
-    split = {}
-    for m in matches.values():
-        if m.how == "slice":
-            t, _, frac = m.atoms[0].partition("[")
-            split[t] = int(frac.rstrip("]").split("/")[1])
+    split = split_tensors(matches)
     ref_sets, ref_mods = _module_sets(reference, ref_tensors, lambda n: _atoms_of_tensor(n, split))
     port_sets, port_mods = _module_sets(port, port_params, lambda n: set(matches[n].atoms) if n in matches else set())
 

@@ -29,7 +29,7 @@ from ..components import TEXT_ENCODER, ParityError, entry
 from ..layers import first_tensor
 from ..metrics import METRICS, compare, default_tolerance
 from ..report import ACCUMULATED, ISOLATED, MODES, LapClock, Report, collect_versions, make_layer
-from ..spill import Calls, Spill, check_room, estimate
+from ..spill import Calls, Spill, check_room, estimate_reference
 from . import PortSpec, load_port
 from .pairing import Pair, coverage_line, pair_modules
 
@@ -98,7 +98,7 @@ def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, de
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-port-", dir=spill_dir))
-        cfg, fmt, structure = reference_structure(component, checkpoint, num_heads)
+        cfg, fmt, structure, key_of = reference_structure(component, checkpoint, num_heads)
         encode = None
         if pc.takes_prompt_context and prompt is not None:
             encode = lambda ids: reference_text_context(checkpoint, ids, dev)  # noqa: E731
@@ -114,7 +114,7 @@ def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, de
         del ref
         gc.collect()
         port = load_port(spec, checkpoint, component, num_heads=num_heads, dtype=pdtype, device=dev)
-        with CheckpointTensors(component, checkpoint, num_heads) as tensors:
+        with CheckpointTensors(checkpoint, key_of) as tensors:
             pairing = pair_modules(port, structure, tensors)
         desc.update(checkpoint=os.path.basename(checkpoint), port=spec.label, source_format=fmt,
                     reference_dtype="fp32", pairing=coverage_line(pairing.coverage),
@@ -133,11 +133,11 @@ def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, de
 
 
 def reference_structure(component: str, checkpoint: str, num_heads: int | None):
-    """(config, source format, the reference model with its parameters on the meta device): names,
-    classes and shapes, no weights."""
+    """(config, source format, the reference model with its parameters on the meta device: names,
+    classes and shapes, no weights; {reference parameter: checkpoint key}), from one plan."""
     from ...convert.checkpoint import open_checkpoint
     from ...convert.detect import plan
-    from ..reference.load import _build_reference
+    from ..reference.load import weightless_reference
 
     with open_checkpoint(checkpoint) as ckpt:
         p = plan(ckpt, components={component}, num_heads=num_heads)
@@ -145,23 +145,19 @@ def reference_structure(component: str, checkpoint: str, num_heads: int | None):
         raise ParityError(f"{checkpoint}: no {component} component in this checkpoint "
                           f"(it holds: {', '.join(p.components) or 'none'})")
     cp = p.components[component]
-    model = _build_reference(component, cp.config, cp.source_format)
-    for name in entry(component).other_half:
-        setattr(model, name, None)
-    return cp.config, cp.source_format, model.eval()
+    key_of = {s: cp.key_of[s] for r in cp.rows for s in r.sources}
+    return cp.config, cp.source_format, weightless_reference(component, cp.config, cp.source_format), key_of
 
 
 class CheckpointTensors:
     """{reference parameter name: fp32 tensor}, each read from the checkpoint when asked for (and not
     kept): the weights the pairing compares with, without a second resident copy of the reference."""
 
-    def __init__(self, component: str, checkpoint: str, num_heads: int | None):
+    def __init__(self, checkpoint: str, key_of: dict[str, str]):
         from ...convert.checkpoint import open_checkpoint
-        from ...convert.detect import plan
 
         self.ckpt = open_checkpoint(checkpoint)
-        cp = plan(self.ckpt, components={component}, num_heads=num_heads).components[component]
-        self.key_of = {s: cp.key_of[s] for r in cp.rows for s in r.sources}
+        self.key_of = key_of
 
     def keys(self):
         return self.key_of.keys()
@@ -196,13 +192,8 @@ def layers_with_weights(structure: torch.nn.Module) -> list[str]:
 
 def estimate_spill(component, structure, cpu_inputs, fmt, names, record_inputs: bool) -> int:
     pc = entry(component)
-    meta = {k: v.to("meta") for k, v in cpu_inputs.items()}
     outs = list(names) + ([pc.contract_module] if pc.contract_module else [])
-    try:
-        return estimate(structure, lambda m: pc.call_reference(m, meta, fmt), outs,
-                        names if record_inputs else ())
-    except (RuntimeError, NotImplementedError, TypeError, ValueError):
-        return 0  # a model that does not run on meta: no figure up front (the report still says how much)
+    return estimate_reference(component, structure, cpu_inputs, fmt, outs, names if record_inputs else ())
 
 
 def batch_first_rule(component: str, fmt: str):

@@ -81,6 +81,15 @@ def parameters_on_meta():
         torch.nn.Module.register_parameter = register
 
 
+def weightless_reference(component: str, cfg, source_format: str):
+    """The reference model for `cfg` with its parameters on the meta device and the component's other
+    half dropped: its structure (names, classes, shapes) and a shape-only pass, no weights."""
+    model = _build_reference(component, cfg, source_format)
+    for name in entry(component).other_half:
+        setattr(model, name, None)
+    return model.eval()
+
+
 def _build_reference(component: str, cfg, source_format: str):
     """The reference model for `cfg` with its parameters on the meta device (see parameters_on_meta).
     ldm prints as it imports and builds ("No module 'xformers'", "making attention of type ...", "Working
