@@ -78,6 +78,14 @@ _SIGINT = {"unwind": False, "seen": False, "said": False}
 def _on_sigint(signum, frame):
     _SIGINT["seen"] = True
     if _SIGINT["unwind"]:
+        if _importing(frame):
+            # Raised inside a module's import, the interrupt can land in Python code that a C++ extension
+            # runs while it initialises (torch's), which aborts the process or makes the interpreter kill
+            # itself with SIGINT at exit: deliver it again once the import is over.
+            again = threading.Timer(0.02, _thread.interrupt_main)
+            again.daemon = True
+            again.start()
+            return
         raise KeyboardInterrupt
     partials.remove_open()
     try:
@@ -87,6 +95,14 @@ def _on_sigint(signum, frame):
     if not _SIGINT["said"]:
         os.write(2, (_interrupted_line() + "\n").encode())
     os._exit(130)
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _unraisable(hook, default=sys.unraisablehook):

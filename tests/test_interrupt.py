@@ -118,3 +118,24 @@ def test_an_interrupt_before_the_writer_is_entered_leaves_no_partial(tmp_path, m
     r = CliRunner().invoke(main, ["convert", SRC, "-o", str(out)])
     assert r.exit_code == 130, r.output
     assert os.listdir(tmp_path) == []
+
+
+def test_sigint_during_an_import_is_raised_after_it(tmp_path):
+    """An interrupt that arrives while a module is imported (torch's C++ initialisation runs Python code,
+    where a KeyboardInterrupt aborts the process) is raised once the import has finished."""
+    (tmp_path / "slow_module.py").write_text(
+        "import signal, time\nsignal.raise_signal(signal.SIGINT)\nFINISHED = True\n")
+    code = ("import signal, sys, time\n"
+            "from sdport import cli\n"
+            "signal.signal(signal.SIGINT, cli._on_sigint)\n"
+            "cli._SIGINT['unwind'] = True\n"
+            "try:\n"
+            "    import slow_module\n"
+            "    time.sleep(5)\n"
+            "    print('not interrupted')\n"
+            "except KeyboardInterrupt:\n"
+            "    print('raised after import:', 'slow_module' in sys.modules and slow_module.FINISHED)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "raised after import: True", (r.stdout, r.stderr)
