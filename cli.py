@@ -943,7 +943,7 @@ def sweep():
     (docs/sweeps.md).
 
     \b
-    sdport sweep SPEC.toml [--out DIR] [--workers N] [--ray auto|local|ADDRESS] [--resume]
+    sdport sweep SPEC.toml [--out DIR] [--workers N] [--ray auto|local|ADDRESS] [--resume] [--allow-port-code]
     sdport sweep compare OLD_DIR NEW_DIR     cells that passed before and fail now; every cell's drift
     """
 
@@ -957,12 +957,14 @@ def sweep():
 @click.option("--ray", "ray_address", default=None, metavar="auto|local|ADDRESS",
               help="Run on Ray: auto (a running cluster), local (start one here) or a cluster's address.")
 @click.option("--resume", is_flag=True, help="Continue the sweep in --out: finished cells with the same inputs are kept.")
-def sweep_run(spec_path, out_dir, workers, ray_address, resume):
+@click.option("--allow-port-code", is_flag=True,
+              help="Let the spec name torch: ports, i.e. Python files or modules whose function sdport calls.")
+def sweep_run(spec_path, out_dir, workers, ray_address, resume, allow_port_code):
     """Run every cell of SPEC.toml; exit 1 when a cell fails or errs (summary.html, junit.xml in --out)."""
     from .parity.sweep import spec as sweep_spec
     from .parity.sweep.run import run_sweep
 
-    spec = sweep_spec.load(spec_path)
+    spec = sweep_spec.load(spec_path, allow_port_code)
     out_dir = out_dir or f"sweep-{os.path.splitext(os.path.basename(spec_path))[0]}"
 
     def make_executor():

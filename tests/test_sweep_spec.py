@@ -78,6 +78,7 @@ BAD = {
     "fixed and axis": ('[[run]]\nparity = "unet"\nseed = 0\n[run.grid]\nseed = [1]\n', "both fixed and a grid axis"),
     "not toml": ("[[run]\n", "not valid TOML"),
     "eta with plms": ('[[run]]\nparity = "txt2img"\nprompt = "x"\nseed = 0\neta = 0.5\n', "eta > 0 needs"),
+    "bad port": ('[[run]]\nparity = "unet"\nseed = 0\nport = "tensorflow:x"\n', "port = tensorflow:x: expected diffusers"),
 }
 
 
@@ -111,11 +112,27 @@ def test_a_txt2img_port_is_refused_in_one_line(tmp_path):
 def test_port_files_are_resolved_and_key_the_cell(tmp_path):
     (tmp_path / "mine.py").write_text("def port(): pass\n")
     body = '[[run]]\nparity = "unet"\nseed = 0\nport = "torch:mine.py:port"\n'
-    cell = S.load(write_spec(tmp_path, body)).cells[0]
+    cell = S.load(write_spec(tmp_path, body), allow_port_code=True).cells[0]
     assert cell.p["port"] == f"torch:{tmp_path / 'mine.py'}:port"
     assert cell.files()[-1] == str(tmp_path / "mine.py")
     assert cell.key({TINY: "a" * 64, str(tmp_path / "mine.py"): "1" * 64}) != \
         cell.key({TINY: "a" * 64, str(tmp_path / "mine.py"): "2" * 64})
+    graph = S.load(write_spec(tmp_path, body.replace("torch:mine.py:port", "onnx:g.onnx:basic"))).cells[0]
+    assert graph.p["port"] == f"onnx:{tmp_path / 'g.onnx'}:basic" and graph.files()[-1] == str(tmp_path / "g.onnx")
+
+
+@pytest.mark.parametrize("where", ["port = \"torch:{port}\"\n", "[run.grid]\nport = [\"diffusers\", \"torch:{port}\"]\n"])
+def test_a_spec_runs_no_port_code_unless_the_command_line_allows_it(tmp_path, where):
+    """A spec is a file like any other: a torch: port in it (a file or an installed module's function) is
+    refused in one line before anything is imported, unless --allow-port-code is given."""
+    marker = tmp_path / "ran"
+    (tmp_path / "mine.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef port(ckpt, comp):\n    raise SystemExit(3)\n")
+    for port in ("mine.py:port", "subprocess:call"):
+        spec = write_spec(tmp_path, '[[run]]\nparity = "unet"\nseed = 0\n' + where.format(port=port))
+        code, _, err = run_cli("sweep", spec, "--out", tmp_path / "out")
+        assert code == 2 and err.count("\n") == 1 and "--allow-port-code" in err, err
+        assert not marker.exists() and not (tmp_path / "out").exists()
+    assert any(c.p["port"] == "torch:subprocess:call" for c in S.load(spec, allow_port_code=True).cells)
 
 
 def test_margins_are_negative_exactly_when_the_gate_fails():

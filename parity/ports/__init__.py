@@ -60,6 +60,17 @@ def parse_spec(spec: str) -> PortSpec:
                       f"torch:package.module:FUNC, dump:FILE.h5 or onnx:FILE.onnx[:LEVEL]")
 
 
+def port_file(spec: PortSpec) -> str | None:
+    """The file a spec names: the .py (None for an installed module's function), the .h5, the .onnx."""
+    if spec.kind == "torch":
+        return spec.target if _names_file(spec.target) else None
+    return spec.target or None
+
+
+def _names_file(target: str) -> bool:
+    return target.endswith(".py") or os.sep in target
+
+
 def load_port(spec: PortSpec, checkpoint: str, component: str, *, num_heads=None, dtype=None, device="cpu"):
     """The port's module for `component`. A `torch:` port runs the code the user named, by design."""
     import torch
@@ -86,7 +97,7 @@ def load_port(spec: PortSpec, checkpoint: str, component: str, *, num_heads=None
 
 def _function(spec: PortSpec):
     target = spec.target
-    if target.endswith(".py") or os.sep in target:
+    if _names_file(target):
         if not os.path.isfile(target):
             raise ParityError(f"--port {spec.label}: no such file {target}")
         name = f"sdport_port_{abs(hash(os.path.abspath(target)))}"

@@ -25,7 +25,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from ... import __version__
 from ...models.components import NAMES as COMPONENTS
-from ...models.errors import SdportError
+from ...models.errors import SdportError, cut
 
 TXT2IMG = "txt2img"
 KINDS = (*COMPONENTS, TXT2IMG)
@@ -68,7 +68,7 @@ def _steps_list(v):
 # parameter -> (check, what it takes); `port` is checked by the port module of the harness it reaches.
 COMMON = {"seed": (_int, "an integer"), "dtype": (_choice(*DTYPES), None), "gate": (_choice(*GATES), None),
           "tol": (_tol, "a table metric = number or \"none\""), "device": (_str, "a device name (cpu, cuda, cuda:N)"),
-          "port": (_str, "a port spec (diffusers, torch:FILE.py:FUNC, dump:FILE.h5)")}
+          "port": (_str, "a port spec (diffusers, torch:FILE.py:FUNC, dump:FILE.h5, onnx:FILE.onnx)")}
 COMPONENT_PARAMS = {**COMMON, "mode": (_choice("accumulated", "isolated", "both"), None),
                     "prompt": (_str, "a string"), "batch": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
                     "size": (lambda v: _int(v) and v >= 1, "an integer >= 1")}
@@ -176,25 +176,26 @@ def _show(v) -> str:
 
 
 def port_path(port) -> str | None:
-    """The file a port spec names (torch:FILE.py:FUNC, dump:FILE.h5), else None."""
-    if not isinstance(port, str) or ":" not in port:
-        return None
-    kind, rest = port.split(":", 1)
-    if kind == "torch":
-        return rest.rsplit(":", 1)[0] if ":" in rest else rest
-    return rest
+    """The file a port spec names (torch:FILE.py:FUNC, dump:FILE.h5, onnx:FILE.onnx[:LEVEL]), else None."""
+    from ..ports import parse_spec, port_file  # the port module's own rule (it imports torch: here, lazily)
+
+    return port_file(parse_spec(port)) if isinstance(port, str) else None
 
 
 def _resolve_port(port: str, base: str) -> str:
-    f = port_path(port)
+    """The spec with its file relative to the spec's folder (the label names the same port)."""
+    from ..ports import parse_spec, port_file
+
+    spec = parse_spec(port)
+    f = port_file(spec)
     if f is None or os.path.isabs(f):
         return port
-    kind, rest = port.split(":", 1)
-    return f"{kind}:{os.path.join(base, rest)}"
+    return dataclasses.replace(spec, target=os.path.join(base, f)).label
 
 
-def load(path: str) -> Spec:
-    """Read and check a spec file; SpecError (one line) for anything wrong with it."""
+def load(path: str, allow_port_code: bool = False) -> Spec:
+    """Read and check a spec file; SpecError (one line) for anything wrong with it. A `torch:` port runs
+    code that the spec names, so it is refused unless the caller allows it (`--allow-port-code`)."""
     if tomllib is None:  # pragma: no cover
         raise SpecError("sweep specs need Python 3.11+ (tomllib)")
     try:
@@ -208,10 +209,10 @@ def load(path: str) -> Spec:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not valid TOML: not UTF-8 text") from None
-    return parse(data, path)
+    return parse(data, path, allow_port_code)
 
 
-def parse(data: dict, path: str) -> Spec:
+def parse(data: dict, path: str, allow_port_code: bool = False) -> Spec:
     base = os.path.dirname(os.path.abspath(path))
 
     def fail(msg):
@@ -247,7 +248,8 @@ def parse(data: dict, path: str) -> Spec:
         if name in names:
             fail(f"run {name!r} appears twice")
         names.append(name)
-        cells += _cells(run, name, checkpoints, device, base, lambda m, n=name: fail(f"run {n!r}: {m}"))
+        cells += _cells(run, name, checkpoints, device, base, lambda m, n=name: fail(f"run {n!r}: {m}"),
+                        allow_port_code)
     return Spec(path, head.get("name", os.path.splitext(os.path.basename(path))[0]), attempts,
                 tuple(checkpoints.values()), tuple(cells), tuple(names))
 
@@ -279,7 +281,21 @@ def _checkpoints(table, base, fail) -> dict[str, Checkpoint]:
     return out
 
 
-def _cells(run: dict, name: str, checkpoints: dict, device: str, base: str, fail) -> list[Cell]:
+def _check_port(port: str, allow_code: bool, fail) -> None:
+    from ..ports import parse_spec
+    from ..components import ParityError
+
+    try:
+        kind = parse_spec(port).kind
+    except ParityError as e:
+        fail(str(e).replace("--port ", "port = ", 1))
+    if kind == "torch" and not allow_code:
+        # a spec is a file like any other: it may name code to run only when the command line says so
+        fail(f"port = {cut(port, 80)!r} runs Python code the spec names: pass --allow-port-code to allow it")
+
+
+def _cells(run: dict, name: str, checkpoints: dict, device: str, base: str, fail,
+           allow_port_code: bool = False) -> list[Cell]:
     kind = run.get("parity")
     if kind not in KINDS:
         fail(f"parity = {kind!r}: expected one of {', '.join(KINDS)}")
@@ -304,6 +320,8 @@ def _cells(run: dict, name: str, checkpoints: dict, device: str, base: str, fail
         check, expected = allowed[k]
         if not check(v):
             fail(f"{k} = {v!r}: expected {expected or getattr(check, 'expected', '?')}")
+        if k == "port":
+            _check_port(v, allow_port_code, fail)
     if "seed" not in fixed and "seed" not in grid:
         fail("no seed: give seed = N or a grid axis seed = [...] (every cell names its seed)")
     if kind == TXT2IMG and "prompt" not in fixed and "prompt" not in grid:
