@@ -494,6 +494,12 @@ def _say_if_cut(**texts) -> None:
                    f"the last {rec['dropped']} are cut: {cut!r}", err=True)
 
 
+ATTENTION_PRECISIONS = ("fp32", "compute")  # models/unet.py's (a test keeps the two equal)
+_ATTENTION_PRECISION_OPTION = click.option(
+    "--attention-precision", type=click.Choice(ATTENTION_PRECISIONS), default="fp32", show_default=True,
+    help="fp16/bf16 UNet: q·kᵀ and softmax in fp32 (as ldm) or in the compute dtype (ldm's ATTN_PRECISION=fp16).")
+
+
 def _generation_options(fn):
     """Options shared by txt2img, img2img and inpaint."""
     for opt in reversed([
@@ -511,6 +517,7 @@ def _generation_options(fn):
         click.option("--attention-chunk", type=int, default=None, metavar="N",
                      help="UNet attention over N query tokens at a time (same image; saves memory only where the "
                           "attention kernel would hold the whole score matrix)."),
+        _ATTENTION_PRECISION_OPTION,
         click.option("--force", is_flag=True, help="Overwrite OUT.png."),
     ]):
         fn = opt(fn)
@@ -562,7 +569,7 @@ def _generate(models, req, mode, run, out, height, width):
 @click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
 @click.option("--height", type=int, default=None, help="Image height (default: the model's trained size, 512 for SD v1).")
 @click.option("--width", type=int, default=None, help="Image width (default: as --height).")
-def txt2img(model, prompt, out, negative, steps, spacing, seed, eta, dtype, device, low_memory, attention_chunk, force,
+def txt2img(model, prompt, out, negative, steps, spacing, seed, eta, dtype, device, low_memory, attention_chunk, attention_precision, force,
             scale, sampler, height, width):
     """Generate OUT.png from PROMPT with an sdport .h5 (CompVis txt2img defaults: 50 PLMS steps, the model's
     trained size: 512x512 for SD v1)."""
@@ -570,7 +577,8 @@ def txt2img(model, prompt, out, negative, steps, spacing, seed, eta, dtype, devi
 
     _check_output(out, force)
     with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory,
-                         attention_chunk=attention_chunk) as models:
+                         attention_chunk=attention_chunk,
+                         attention_precision=attention_precision) as models:
         models.require("txt2img")
         if height is None or width is None:
             side = pipeline.trained_size(models)
@@ -592,7 +600,7 @@ def txt2img(model, prompt, out, negative, steps, spacing, seed, eta, dtype, devi
 @click.option("--height", type=int, default=None, help="Must equal the init image's (default: its size).")
 @click.option("--width", type=int, default=None, help="Must equal the init image's (default: its size).")
 def img2img(model, prompt, init, strength, out, negative, steps, spacing, seed, eta, dtype, device, low_memory,
-            attention_chunk, force, scale, height, width):
+            attention_chunk, attention_precision, force, scale, height, width):
     """Change IN.png toward PROMPT (ldm's img2img: encode, noise to the strength's step, DDIM back)."""
     from .models import images, pipeline
 
@@ -603,7 +611,8 @@ def img2img(model, prompt, init, strength, out, negative, steps, spacing, seed, 
     req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler="ddim",
                            eta=eta, height=h, width=w, strength=strength, spacing=spacing)
     with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory,
-                         attention_chunk=attention_chunk) as models:
+                         attention_chunk=attention_chunk,
+                         attention_precision=attention_precision) as models:
         _generate(models, req, "img2img", pipeline.img2img(models, req, images.to_tensor(rgb)), out, h, w)
 
 
@@ -620,7 +629,7 @@ def img2img(model, prompt, init, strength, out, negative, steps, spacing, seed, 
 @click.option("--height", type=int, default=None, help="Must equal the init image's (default: its size).")
 @click.option("--width", type=int, default=None, help="Must equal the init image's (default: its size).")
 def inpaint(model, prompt, init, mask, out, negative, steps, spacing, seed, eta, dtype, device, low_memory,
-            attention_chunk, force, scale, sampler, height, width):
+            attention_chunk, attention_precision, force, scale, sampler, height, width):
     """Repaint part of IN.png, with a plain or a 9-channel inpainting model (PROMPT may be left out)."""
     from .models import images, pipeline
 
@@ -632,7 +641,8 @@ def inpaint(model, prompt, init, mask, out, negative, steps, spacing, seed, eta,
     req = pipeline.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
                            eta=eta, height=h, width=w, spacing=spacing)
     with pipeline.Models(model, device=device, dtype=dtype, low_memory=low_memory,
-                         attention_chunk=attention_chunk) as models:
+                         attention_chunk=attention_chunk,
+                         attention_precision=attention_precision) as models:
         run = pipeline.inpaint(models, req, images.to_tensor(rgb), repaint)
         _generate(models, req, "inpaint", run, out, h, w)
 
@@ -752,10 +762,11 @@ def _component_command(component):
                   help="UNet attention heads for the reference (and a diffusers port), as for convert.")
     @click.option("--spill-dir", type=click.Path(file_okay=False, exists=True), default=None,
                   help="Where the reference's activations wait for the candidate (default: the system's temp dir).")
+    @_ATTENTION_PRECISION_OPTION
     @_input_options
     @_gate_options
-    def cmd(checkpoint, h5, mode, gate_dtype, port, num_heads, spill_dir, seed, prompt, batch, size, json_path, junit,
-            html, tol, tolerances, dtype, device):
+    def cmd(checkpoint, h5, mode, gate_dtype, port, num_heads, spill_dir, attention_precision, seed, prompt, batch,
+            size, json_path, junit, html, tol, tolerances, dtype, device):
         from .parity.harness import run_parity
 
         _check_report_paths(json=json_path, junit=junit, html=html)
@@ -764,7 +775,8 @@ def _component_command(component):
                 result = run_parity(component, checkpoint, h5=h5, modes=("accumulated", "isolated") if mode == "both"
                                     else (mode,), device=device, dtype=dtype, seed=seed, prompt=prompt, batch=batch,
                                     size=size, tolerance=_tolerance(gate_dtype or dtype, tol, tolerances),
-                                    progress=progress, port=port, num_heads=num_heads, spill_dir=spill_dir)
+                                    progress=progress, port=port, num_heads=num_heads, spill_dir=spill_dir,
+                                    attention_precision=attention_precision)
             _finish(result, json_path, junit, html)
             return
         quantized = _layout_gate(h5, component)
@@ -775,7 +787,8 @@ def _component_command(component):
         with _stages(f"parity {component}") as progress:
             result = run_parity(component, checkpoint, h5=h5, modes=modes, device=device, dtype=dtype, seed=seed,
                                 prompt=prompt, batch=batch, size=size, tolerance=_tolerance(gate, tol, tolerances),
-                                progress=progress, num_heads=num_heads, spill_dir=spill_dir)
+                                progress=progress, num_heads=num_heads, spill_dir=spill_dir,
+                                attention_precision=attention_precision)
         _finish(result, json_path, junit, html)
 
     cmd.__doc__ = (f"Reference vs native {component}, layer by layer, from seeded inputs; exit 1 when a "

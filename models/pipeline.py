@@ -43,6 +43,7 @@ from .samplers import (
     sample_plms,
 )
 from .tokenizer import default_tokenizer
+from .unet import ATTENTION_PRECISIONS
 from .vae import LATENT_SCALE_SD_V1
 
 SAMPLERS = ("plms", "ddim")
@@ -86,12 +87,18 @@ class Models:
     (`UNet.set_attention_chunk`): the same result, a smaller score matrix where the attention kernel
     would hold one whole (bench/bench_memory.py measures the effect).
 
+    `attention_precision` "fp32" (default, as ldm) keeps the UNet's q·kᵀ and softmax in fp32 in fp16 and
+    bf16; "compute" computes q·kᵀ in the compute dtype, as ldm with ATTN_PRECISION=fp16 (`models.unet.attend`).
+
     `notes` collects one-line remarks for the user (e.g. which noise schedule was used and why).
     """
 
     def __init__(self, path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str = "fp32",
-                 low_memory: bool = False, attention_chunk: int | None = None):
+                 low_memory: bool = False, attention_chunk: int | None = None, attention_precision: str = "fp32"):
         self.path = os.fspath(path)
+        if attention_precision not in ATTENTION_PRECISIONS:
+            raise SdportError(f"--attention-precision {attention_precision}: choose {' or '.join(ATTENTION_PRECISIONS)}")
+        self.attention_precision = attention_precision
         if attention_chunk is not None and attention_chunk < 1:
             raise SdportError(f"--attention-chunk {attention_chunk}: expected a whole number of query tokens >= 1")
         self.attention_chunk = attention_chunk
@@ -122,6 +129,8 @@ class Models:
             model = load_model(self.reader, component, device=self.device, dtype=self.dtype)
             if self.attention_chunk is not None and hasattr(model, "set_attention_chunk"):  # the attention models
                 model.set_attention_chunk(self.attention_chunk)
+            if hasattr(model, "set_attention_precision"):
+                model.set_attention_precision(self.attention_precision)
             if not self.low_memory:
                 self._loaded[component] = model
         try:

@@ -22,7 +22,8 @@ from the down level with the same index.
 Fast by construction: one fused q/k/v projection for self-attention, fused k/v for cross-attention,
 token-space `nn.Linear` for the 1x1 projections, `scaled_dot_product_attention` (in bf16 on a CPU, the
 AVX512-BF16 kernel of models/cpu/attention.py where it builds), and optional chunking
-of attention along query tokens (`UNet.set_attention_chunk`) to bound peak memory. Activations run in
+of attention along query tokens (`UNet.set_attention_chunk`) to bound peak memory. In fp16 and bf16,
+q·kᵀ and the softmax stay in fp32 as in ldm (`attend`). Activations run in
 channels-last memory format: oneDNN's convolutions prefer it, and a spatial transformer's tokens
 [B, H*W, C] are then a free view of its feature map instead of a transposed copy each way.
 """
@@ -157,19 +158,36 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int | None) -> torch.Tensor:
+ATTENTION_PRECISIONS = ("fp32", "compute")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int | None,
+           precision: str = "fp32") -> torch.Tensor:
     """Softmax attention, scale head_dim**-0.5. q [B, h, N, d], k/v [B, h, M, d] -> [B, h, N, d].
 
+    precision "fp32": q·kᵀ and the softmax in fp32 whatever the compute dtype, the probabilities rounded
+    to it for the product with v: what ldm's UNet does by default (ATTN_PRECISION=fp32), and what
+    SDPA and the bf16 kernel compute. "compute": q·kᵀ in the compute dtype, then scaled and (as autocast
+    runs softmax) normalised in fp32: ldm with ATTN_PRECISION=fp16, where a large q·kᵀ overflows fp16.
     With `chunk`, query rows are processed `chunk` at a time: each row's result is the same math,
     but the [N, M] score matrix never exists whole.
     """
+    if precision == "compute" and q.dtype in (torch.float16, torch.bfloat16):
+        fn = _attention_in_compute_dtype
+    else:
+        fn = cpu_attention.attention
     n = q.shape[2]
     if chunk is None or chunk >= n:
-        return cpu_attention.attention(q, k, v)
+        return fn(q, k, v)
     out = torch.empty_like(q)
     for i in range(0, n, chunk):
-        out[:, :, i : i + chunk] = cpu_attention.attention(q[:, :, i : i + chunk], k, v)
+        out[:, :, i : i + chunk] = fn(q[:, :, i : i + chunk], k, v)
     return out
+
+
+def _attention_in_compute_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    sim = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, h, N, M] in q's dtype, as ldm
+    return torch.matmul(sim.float().softmax(dim=-1).to(v.dtype), v)
 
 
 class SelfAttention(nn.Module):
@@ -177,6 +195,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.chunk: int | None = None  # query-chunk size, set by UNet.set_attention_chunk
+        self.precision = "fp32"  # of q·kᵀ and the softmax, set by UNet.set_attention_precision
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # rows: to_q | to_k | to_v
         self.out = nn.Linear(dim, dim)
 
@@ -184,7 +203,7 @@ class SelfAttention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.heads, c // self.heads)  # [B, N, 3C] -> [B, N, 3, h, d]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # -> 3 x [B, h, N, d]
-        o = attend(q, k, v, self.chunk)
+        o = attend(q, k, v, self.chunk, self.precision)
         return self.out(o.transpose(1, 2).reshape(b, n, c))  # [B, h, N, d] -> [B, N, C]
 
 
@@ -193,6 +212,7 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.chunk: int | None = None
+        self.precision = "fp32"
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(context_dim, 2 * dim, bias=False)  # rows: to_k | to_v
         self.out = nn.Linear(dim, dim)
@@ -203,7 +223,7 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(b, n, h, c // h).transpose(1, 2)  # [B, N, C] -> [B, h, N, d]
         kv = self.kv(context).view(b, m, 2, h, c // h)  # [B, M, 2C] -> [B, M, 2, h, d]
         k, v = kv.permute(2, 0, 3, 1, 4)  # -> 2 x [B, h, M, d]
-        o = attend(q, k, v, self.chunk)
+        o = attend(q, k, v, self.chunk, self.precision)
         return self.out(o.transpose(1, 2).reshape(b, n, c))  # [B, h, N, d] -> [B, N, C]
 
 
@@ -369,6 +389,14 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (SelfAttention, CrossAttention)):
                 m.chunk = chunk
+
+    def set_attention_precision(self, precision: str) -> None:
+        """"fp32" (the default, ldm's ATTN_PRECISION=fp32) or "compute": the dtype of q·kᵀ (see `attend`)."""
+        if precision not in ATTENTION_PRECISIONS:
+            raise ValueError(f"attention precision must be one of {', '.join(ATTENTION_PRECISIONS)}, got {precision!r}")
+        for m in self.modules():
+            if isinstance(m, (SelfAttention, CrossAttention)):
+                m.precision = precision
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float, context: torch.Tensor) -> torch.Tensor:
         """x [B, Cin, H, W], t [B] (or a scalar for all), context [B, T, context_dim] -> [B, Cout, H, W].

@@ -28,6 +28,7 @@ from ..models.components import NAMES
 from ..models.errors import cut
 from ..models import devices
 from ..models.load import load_model, read_config
+from ..models.unet import ATTENTION_PRECISIONS
 from ..models.storage import partial as partials
 from ..models.storage.layout import LayoutReader, file_sha256
 from . import golden
@@ -255,11 +256,18 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
                dtype: str = "fp32", seed: int = 0, prompt: str | None = None, batch: int = 2,
                size: int | None = None, tolerance: Tolerance | None = None, patch_native=None,
                workdir: str | None = None, progress=None, port: str | None = None,
-               num_heads: int | None = None, spill_dir: str | None = None) -> ParityResult:
+               num_heads: int | None = None, spill_dir: str | None = None,
+               attention_precision: str = "fp32") -> ParityResult:
     """Reference vs native for one component, or vs a port (`port`: 'diffusers', 'torch:FILE.py:FUNC',
     'dump:FILE.h5', 'onnx:FILE.onnx[:LEVEL]'; parity/ports/). `patch_native(model)` may alter the native model before the run
     (tests plant faults that way); `progress(what, done, total)` as layers complete. `num_heads`
-    (in no shape of a checkpoint) applies to the reference and to a port built by sdport."""
+    (in no shape of a checkpoint) applies to the reference and to a port built by sdport.
+    `attention_precision` of the native UNet in fp16/bf16 (models.unet.attend); the reference runs fp32."""
+    if attention_precision not in ATTENTION_PRECISIONS:
+        raise ParityError(f"--attention-precision {attention_precision}: choose {' or '.join(ATTENTION_PRECISIONS)}")
+    if attention_precision != "fp32" and (component != "unet" or port is not None):
+        raise ParityError(f"--attention-precision {attention_precision} applies to the native UNet"
+                          + (" (a port computes attention its own way)" if port is not None else f", not to {component}"))
     if port is not None:
         from . import ports
         spec = ports.parse_spec(port)
@@ -298,6 +306,8 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
         inputs = to_device(cpu_inputs, dev)
         desc.update(checkpoint=os.path.basename(checkpoint), h5=os.path.basename(h5), source_format=fmt,
                     reference_dtype="fp32", native_dtype=dtype)
+        if component == "unet":
+            desc["attention_precision"] = attention_precision
         specs, _ = layer_map(component, ncfg, fmt)
         check_room(work, _spill_estimate(component, ncfg, fmt, specs, cpu_inputs, modes), ParityError)
         # One model resident at a time: the reference runs and spills, is freed, then the native model runs.
@@ -307,6 +317,8 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
         del ref
         gc.collect()
         native, _, _ = load_native(h5, component, dev, ndtype)
+        if hasattr(native, "set_attention_precision"):
+            native.set_attention_precision(attention_precision)
         if patch_native is not None:
             patch_native(native)
         return candidate_stage(component, native, recorded, inputs, dtype, dev, tol, desc, progress)

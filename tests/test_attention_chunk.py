@@ -34,9 +34,9 @@ def seen_chunks(monkeypatch):
     seen = []
     real = unet.attend
 
-    def spy(q, k, v, chunk):
+    def spy(q, k, v, chunk, *rest):
         seen.append(chunk)
-        return real(q, k, v, chunk)
+        return real(q, k, v, chunk, *rest)
 
     monkeypatch.setattr(unet, "attend", spy)
     return seen

@@ -96,8 +96,11 @@ def test_the_command_lines_dtype_names_are_the_libraries():
     from sdport.models.devices import DTYPES
     from sdport.parity.metrics import DEFAULT_TOLERANCES
 
+    from sdport.models.unet import ATTENTION_PRECISIONS
+
     assert cli.DTYPES == tuple(DTYPES)
     assert set(cli.GATES) == set(DEFAULT_TOLERANCES)
+    assert cli.ATTENTION_PRECISIONS == ATTENTION_PRECISIONS
     assert cli.COMPONENT_NAMES == tuple(__import__("sdport.models.components", fromlist=["NAMES"]).NAMES)
 
 
