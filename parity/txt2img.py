@@ -147,21 +147,41 @@ class ReferencePipeline:
     ldm's Decoder / Encoder. `sampler(name)` is ldm's PLMSSampler or DDIMSampler over the stand-in."""
 
     def __init__(self, checkpoint: str, *, device="cpu", num_heads: int | None = None,
-                 num_head_channels: int | None = None, components=P.NEEDS["txt2img"]):
+                 num_head_channels: int | None = None, components=P.NEEDS["txt2img"], lazy: bool = False):
+        """lazy: each part is loaded when first used, and `release` frees it, so a caller can hold one at a time."""
         self.device = torch.device(device)
+        self.checkpoint, self.components = checkpoint, tuple(components)
+        self._heads = {"num_heads": num_heads, "num_head_channels": num_head_channels}
         self.parts: dict[str, torch.nn.Module] = {}
         self.formats: dict[str, str] = {}  # component -> source format (which reference it is)
-        for c in components:
-            # the head layout is used by the sources whose heads no shape says
-            m, _, fmt = load_reference(c, checkpoint, num_heads=num_heads, num_head_channels=num_head_channels)
-            self.parts[c], self.formats[c] = m.to(self.device), fmt
         schedule, self.note = reference_schedule(checkpoint)
-        self.model = StandIn(self.parts.get("unet"), schedule, self.device)
+        self.model = StandIn(None, schedule, self.device)
         self.scale_factor = REFERENCE_SCALE_FACTOR
+        if not lazy:
+            for c in self.components:
+                self.part(c)
+
+    def part(self, component: str) -> torch.nn.Module:
+        if component not in self.parts:
+            if component not in self.components:
+                raise ParityError(f"the reference pipeline was built without its {component}")
+            # the head layout is used by the sources whose heads no shape says
+            m, _, fmt = load_reference(component, self.checkpoint, **self._heads)
+            self.parts[component], self.formats[component] = m.to(self.device), fmt
+            if component == "unet":
+                self.model.unet = self.parts["unet"]
+        return self.parts[component]
+
+    def release(self, component: str) -> None:
+        """Free a part (loaded again if used again)."""
+        self.parts.pop(component, None)
+        if component == "unet":
+            self.model.unet = None
+        gc.collect()
 
     @property
     def unet(self):
-        return self.parts["unet"]
+        return self.part("unet")
 
     @torch.no_grad()
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -170,26 +190,27 @@ class ReferencePipeline:
         from .components import entry
         from .layers import first_tensor
 
-        out = entry("text_model").call_reference(self.parts["text_model"], {"ids": ids.to(self.device)},
+        out = entry("text_model").call_reference(self.part("text_model"), {"ids": ids.to(self.device)},
                                                  self.formats["text_model"])
         return first_tensor(out)
 
     @torch.no_grad()
     def first_stage_encoding(self, image: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """get_first_stage_encoding(encode_first_stage(x)): a posterior sample (CPU noise from `gen`), scaled."""
-        mean, logvar = self.parts["encoder"].encode(image.to(self.device))
+        mean, logvar = self.part("encoder").encode(image.to(self.device))
         noise = torch.randn(mean.shape, generator=gen).to(self.device)
         return self.scale_factor * (mean + torch.exp(0.5 * logvar) * noise)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """decode_first_stage: latent -> image [B, 3, H, W], float32 on the CPU."""
-        return self.parts["decoder"].decode(1.0 / self.scale_factor * z.to(self.device)).float().cpu()
+        return self.part("decoder").decode(1.0 / self.scale_factor * z.to(self.device)).float().cpu()
 
     def sampler(self, name: str):
         from ldm.models.diffusion.ddim import DDIMSampler
         from ldm.models.diffusion.plms import PLMSSampler
 
+        self.part("unet")  # what the stand-in's apply_model calls
         return {"plms": PLMSSampler, "ddim": DDIMSampler}[name](self.model)
 
 
@@ -449,8 +470,8 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-txt2img-"))
         h5 = ensure_h5(checkpoint, h5, work, P.NEEDS["txt2img"])
-        if models is None:
-            models = stack.enter_context(P.Models(h5, device=dev, dtype=dtype))
+        if models is None:  # one native model at a time, each freed after its stage
+            models = stack.enter_context(P.Models(h5, device=dev, dtype=dtype, low_memory=True))
         side = default_size("unet", models.config("unet")) * models.config("decoder").downscale
         height, width = height or side, width or side
         req = P.Request(prompt=prompt, negative=negative, steps=steps, scale=scale, seed=seed, sampler=sampler,
@@ -465,11 +486,12 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         ucfg = models.config("unet")
         fmt = models.reader.group_attrs("unet").get("source_format", "compvis")
 
-        # The reference pipeline runs first and (unless the caller keeps it) is freed before any native
-        # model is loaded: its per-step latents and eps stay in memory (one latent each), the chosen
-        # steps' UNet layers go to disk.
+        # The reference pipeline runs first, one part at a time (unless the caller keeps it loaded), and is
+        # freed before any native model is loaded: its per-step latents and eps stay in memory (one latent
+        # each), the chosen steps' UNet layers go to disk.
+        own = reference is None
         ref = reference or ReferencePipeline(checkpoint, device=dev, num_heads=ucfg.num_heads,
-                                             num_head_channels=ucfg.num_head_channels)
+                                             num_head_channels=ucfg.num_head_channels, lazy=True)
         ref.model.parameterization = P.prediction(models)  # what ldm's DDIMSampler reads
         notes = list(models.notes) + ([ref.note] if ref.note else [])
         tok, pad = default_tokenizer(), models.config("text_model").pad_id  # END for SD v1, 0 for SD 2.x
@@ -477,16 +499,20 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
         ref_uc, ref_c = ref.encode_ids(ids).float().chunk(2)
         if req.scale == 1.0:
             ref_uc = None  # no unconditional branch, as in ldm and the native pipeline (P.conditioning)
+        if own:
+            ref.release("text_model")
         gen = torch.Generator().manual_seed(seed)
         x_T = torch.randn((1, ucfg.out_channels, h, w), generator=gen, dtype=torch.float32)  # as the pipeline
         run = run_reference(ref, sampler, steps, x_T, ref_c, ref_uc, scale, eta, gen, set(chosen), spacing,
                             on_step=lambda done: progress("reference sampler", done, n, "step"))
-        ref_image = ref.decode(run.latents[-1])
         recorded = {}
         for s in chosen:
             recorded[s] = stack.enter_context(reference_stage(
                 "unet", ref.unet, ucfg, fmt, to_device(run.unet_inputs[s], dev), work,
                 progress=lambda what, done, total, unit="layer", s=s: progress(f"step {s} {what}", done, total, unit)))
+        if own:
+            ref.release("unet")
+        ref_image = ref.decode(run.latents[-1])
         del ref
         gc.collect()
 
@@ -513,12 +539,6 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                                 TEACHER: tf, "failures": check(tf, tol)[1]})
                 progress("teacher-forced steps", i + 1, n, "step")
 
-            native_image = P.decode(models, free[-1])
-            image = compare(native_image, ref_image)
-            image["reference_std"] = float(ref_image.std())
-            fails = check(image, Tolerance(psnr_db=psnr_min))[1]
-            image["failures"] = [f.replace("psnr_db", "image psnr_db") for f in fails]
-
             layer_tol = default_tolerance(gate_dtype)
             layers = {}
             for s in chosen:
@@ -531,6 +551,13 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                 layers[s] = candidate_stage("unet", unet, recorded[s], to_device(inp, dev), dtype, dev, layer_tol, desc,
                                             progress=lambda what, done, total, unit="layer", s=s:
                                             progress(f"step {s} {what}", done, total, unit))
+
+        del unet, denoiser  # with low_memory the UNet is freed once nothing here holds it
+        native_image = P.decode(models, free[-1])
+        image = compare(native_image, ref_image)
+        image["reference_std"] = float(ref_image.std())
+        fails = check(image, Tolerance(psnr_db=psnr_min))[1]
+        image["failures"] = [f.replace("psnr_db", "image psnr_db") for f in fails]
 
         inputs = {"checkpoint": os.path.basename(checkpoint), "h5": os.path.basename(h5), "prompt": prompt,
                   "negative": negative, "seed": seed,

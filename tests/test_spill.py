@@ -139,22 +139,32 @@ def test_txt2img_parity_never_holds_both_pipelines(variants, monkeypatch):
     from sdport.models import pipeline
     from sdport.parity import txt2img
 
-    refs, alive = [], []
+    refs, natives, alive, others = [], [], [], []
     real_ref, real_load = txt2img.load_reference, pipeline.load_model
 
+    def live(models):
+        gc.collect()
+        return sum(r() is not None for r in models)
+
     def load_reference(*a, **k):
+        others.append(("reference", live(refs)))
         out = real_ref(*a, **k)
         refs.append(weakref.ref(out[0]))
         return out
 
     def load_model(*a, **k):
-        alive.append(any(r() is not None for r in refs))
-        return real_load(*a, **k)
+        alive.append(live(refs) > 0)
+        others.append(("native", live(natives)))
+        out = real_load(*a, **k)
+        natives.append(weakref.ref(out))
+        return out
 
     monkeypatch.setattr(txt2img, "load_reference", load_reference)
     monkeypatch.setattr(pipeline, "load_model", load_model)
     r = txt2img.run_txt2img(variants["lightning"], prompt="a cube", steps=2, height=64, width=64, layer_steps=[1])
     assert len(refs) == 3 and alive and not any(alive)  # UNet, text encoder and decoder: all freed first
+    # and on each side one part at a time: text encoder, UNet, decoder, none loaded beside another
+    assert others and all(n == 0 for _, n in others), [(i, *o) for i, o in enumerate(others) if o[1]]
     assert r.layers[1].report.layers
 
 
