@@ -171,10 +171,10 @@ def test_output_paths_are_checked_before_the_run(tmp_path, monkeypatch, option, 
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
 
 
-def _dpm_run(ckpt, h5, tmp_path, steps=STEPS):
+def _dpm_run(ckpt, h5, tmp_path, steps=STEPS, sampler="dpmpp2m"):
     js = tmp_path / "r.json"
     rc, out, err = run_cli("parity", "txt2img", ckpt, "--h5", h5, "--prompt", PROMPT, "--steps", steps,
-                           "--sampler", "dpmpp2m", "--height", 16, "--width", 16, "--layer-steps", "1", "--json", js)
+                           "--sampler", sampler, "--height", 16, "--width", 16, "--layer-steps", "1", "--json", js)
     return rc, out, err, json.loads(js.read_text()) if js.exists() else None
 
 
@@ -197,13 +197,24 @@ def test_dpmpp2m_against_ldms_dpm_solver_sampler(variants, converted, tmp_path):
     _check_dpm_report(r)
 
 
-def test_dpmpp2m_on_a_v_model_against_ldms_dpm_solver_sampler(variants, tmp_path):
+@pytest.fixture(scope="module")
+def v_h5(variants, tmp_path_factory):
     from sdport.convert.convert import convert
 
-    h5 = convert(variants["v2"], str(tmp_path / "v.h5"), prediction="v").out
-    rc, out, err, r = _dpm_run(variants["v2"], h5, tmp_path)
+    return convert(variants["v2"], str(tmp_path_factory.mktemp("v") / "v.h5"), prediction="v").out
+
+
+def test_dpmpp2m_on_a_v_model_against_ldms_dpm_solver_sampler(variants, v_h5, tmp_path):
+    rc, out, err, r = _dpm_run(variants["v2"], v_h5, tmp_path)
     assert rc == 0, out + err
     _check_dpm_report(r)
+
+
+def test_ddim_on_a_v_model_teacher_forced_steps_convert_v(variants, v_h5, tmp_path):
+    # the teacher-forced native step uses the pipeline's own denoiser, v converted to eps as ldm's DDIM does
+    rc, out, err, r = _dpm_run(variants["v2"], v_h5, tmp_path, sampler="ddim")
+    assert rc == 0, out + err
+    assert r["passed"] and all(s["teacher_forced"]["rel_l2"] < 1e-5 for s in r["steps"])
 
 
 def test_dpmpp2m_planted_unet_fault_fails(variants, converted, tmp_path):
