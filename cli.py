@@ -472,6 +472,12 @@ def tokenize(prompt, prompts_file, as_json, pad):
     click.echo("tokens: " + " ".join(tokens[:body]) + pad)
 
 
+# models.pipeline.SAMPLERS (not imported here: it pulls in torch)
+SAMPLERS = ["plms", "ddim", "dpmpp2m"]
+SAMPLER_HELP = ("plms, ddim: ldm's PLMSSampler / DDIMSampler; dpmpp2m: DPM-Solver++(2M) as ldm's DPMSolverSampler "
+                "(time-uniform, not the Karras-sigma \"DPM++ 2M\" of A1111 / ComfyUI; docs/pipelines.md).")
+
+
 _SPACING_OPTION = click.option(
     "--spacing", type=click.Choice(["ldm", "linspace", "leading", "trailing"]), default="ldm", show_default=True,
     help="Which timesteps the steps take: ldm's stride 1000 // steps (CompVis; some counts run more steps, some are "
@@ -566,7 +572,8 @@ def _generate(models, req, mode, run, out, height, width):
 @click.argument("prompt")
 @_generation_options
 @click.option("--scale", type=FINITE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="plms", show_default=True,
+              help=SAMPLER_HELP)
 @click.option("--height", type=int, default=None, help="Image height (default: the model's trained size, 512 for SD v1).")
 @click.option("--width", type=int, default=None, help="Image width (default: as --height).")
 def txt2img(model, prompt, out, negative, steps, spacing, seed, eta, dtype, device, low_memory, attention_chunk, attention_precision, force,
@@ -625,7 +632,8 @@ def img2img(model, prompt, init, strength, out, negative, steps, spacing, seed, 
               help="MASK.png of the same size: white (>= 128 grey) = repaint.")
 @_generation_options
 @click.option("--scale", type=FINITE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="plms", show_default=True,
+              help=SAMPLER_HELP)
 @click.option("--height", type=int, default=None, help="Must equal the init image's (default: its size).")
 @click.option("--width", type=int, default=None, help="Must equal the init image's (default: its size).")
 def inpaint(model, prompt, init, mask, out, negative, steps, spacing, seed, eta, dtype, device, low_memory,
@@ -875,7 +883,8 @@ def _layer_steps_option(value):
 @click.option("--steps", type=int, default=50, show_default=True)
 @_SPACING_OPTION
 @click.option("--scale", type=FINITE, default=7.5, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--sampler", type=click.Choice(["plms", "ddim"]), default="plms", show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="plms", show_default=True,
+              help=SAMPLER_HELP)
 @click.option("--eta", type=FINITE, default=0.0, show_default=True, help="DDIM noise (0: deterministic).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the CPU generator for x_T.")
 @click.option("--height", type=int, default=None, help="Image height (default: 512 for SD v1, the model's usual size).")

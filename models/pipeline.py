@@ -1,7 +1,7 @@
 """Text to image, image to image and inpainting from an sdport .h5 file, as generators of latents.
 
     prompt, negative ─tokenizer─► ids ─text_model─► cond, uncond              [1, 77, D] each
-    x_T (seeded CPU generator) ─PLMS/DDIM over cfg_denoiser(unet)─► latent     [1, 4, H/f, W/f]
+    x_T (seeded CPU generator) ─PLMS/DDIM/DPM++ over cfg_denoiser(unet)─► latent [1, 4, H/f, W/f]
     latent * (1 / latent_scale) ─decoder─► image                               [1, 3, H, W], about [-1, 1]
 
 Each pipeline (`txt2img`, `img2img`, `inpaint`) yields the latent after every sampler step; `decode`
@@ -30,6 +30,7 @@ from .. import __version__
 from .errors import LayoutError, SdportError
 from .storage.layout import SCHEDULE, LayoutReader, file_sha256
 from .devices import resolve
+from .dpm_solver import continuous_time, sample_dpmpp2m
 from .load import load_model, read_config
 from .samplers import (
     SPACINGS,
@@ -46,7 +47,8 @@ from .tokenizer import default_tokenizer
 from .unet import ATTENTION_PRECISIONS
 from .vae import LATENT_SCALE_SD_V1
 
-SAMPLERS = ("plms", "ddim")
+SAMPLERS = ("plms", "ddim", "dpmpp2m")
+CONTINUOUS = ("dpmpp2m",)  # samplers in continuous time: no --spacing, no eta, exactly --steps steps
 NEEDS = {
     "txt2img": ("text_model", "unet", "decoder"),
     "img2img": ("text_model", "unet", "encoder", "decoder"),
@@ -63,9 +65,9 @@ class Request:
     steps: int = 50
     scale: float = 7.5
     seed: int = 42
-    sampler: str = "plms"  # plms | ddim (img2img: ddim only, as in ldm)
+    sampler: str = "plms"  # plms | ddim | dpmpp2m (img2img: ddim only, as in ldm)
     eta: float = 0.0  # DDIM only
-    spacing: str = "ldm"  # which timesteps: ldm's uniform stride, or diffusers' linspace | leading | trailing
+    spacing: str = "ldm"  # PLMS/DDIM timesteps: ldm's uniform stride, or diffusers' linspace | leading | trailing
     height: int = 512
     width: int = 512
     strength: float = 0.75  # img2img only: fraction of the steps re-run from the noised init latent
@@ -265,14 +267,23 @@ def check_request(models: Models, req: Request, mode: str) -> None:
         raise LayoutError(f"{models.path}: the decoder takes {d.embed_dim} latent channels, the UNet makes "
                           f"{u.out_channels}")
     if req.sampler not in SAMPLERS:
-        raise SdportError(f"sampler {req.sampler!r}: choose plms or ddim")
+        raise SdportError(f"sampler {req.sampler!r}: choose {', '.join(SAMPLERS)}")
     if mode == "img2img" and req.sampler != "ddim":
         raise SdportError(f"img2img runs DDIM only (as ldm's img2img); got sampler {req.sampler}")
-    if req.sampler == "plms" and req.eta != 0:
-        raise SdportError(f"eta {req.eta}: PLMS is deterministic (eta 0); eta applies to --sampler ddim")
+    if req.sampler != "ddim" and req.eta != 0:
+        name = {"plms": "PLMS", "dpmpp2m": "DPM-Solver++(2M)"}[req.sampler]
+        raise SdportError(f"eta {req.eta}: {name} is deterministic (eta 0); eta applies to --sampler ddim")
     if req.eta < 0:
         raise SdportError(f"eta {req.eta}: must be >= 0")
-    _timesteps(req.steps, models.schedule.num_timesteps, req.spacing)
+    if req.sampler in CONTINUOUS:
+        if req.spacing != "ldm":
+            raise SdportError(f"--spacing {req.spacing}: {req.sampler} steps uniformly in continuous time (as ldm's "
+                              "DPMSolverSampler); --spacing applies to plms and ddim")
+        if req.steps < 2:
+            raise SdportError(f"--steps {req.steps}: {req.sampler} needs at least 2 steps (ldm runs another, "
+                              "adaptive, solver for 1)")
+    else:
+        _timesteps(req.steps, models.schedule.num_timesteps, req.spacing)
     if mode == "img2img":
         t_enc, n = int(req.strength * req.steps), total_steps(req, "txt2img")
         if not 0 < req.strength < 1 or not 1 <= t_enc < n:
@@ -297,7 +308,7 @@ def _timesteps(steps: int, num_train_timesteps: int = 1000, spacing: str = "ldm"
 
 def total_steps(req: Request, mode: str = "txt2img") -> int:
     """How many latents the pipeline yields, i.e. sampler steps run (ldm spacing: 31 for 30 steps)."""
-    n = len(_timesteps(req.steps, spacing=req.spacing))
+    n = req.steps if req.sampler in CONTINUOUS else len(_timesteps(req.steps, spacing=req.spacing))
     return int(req.strength * req.steps) if mode == "img2img" else n
 
 
@@ -367,13 +378,19 @@ def unet_fn(unet: torch.nn.Module, concat: Optional[torch.Tensor] = None):
     return call
 
 
-def guided(models: Models, unet_call, cond, uncond, scale: float):
-    """The guided denoiser the samplers step with: eps, converted from v for a v-prediction UNet."""
+def guided(models: Models, unet_call, cond, uncond, scale: float, sampler: str = "plms"):
+    """The guided denoiser `sampler` steps with: eps, converted from v for a v-prediction UNet.
+    dpmpp2m: over continuous time, v converted per guidance half before they combine (as ldm's DPM
+    sampler); plms / ddim: over integer timesteps, v converted after guidance (as ldm's DDIM)."""
+    if sampler in CONTINUOUS:
+        return cfg_denoiser(continuous_time(unet_call, models.schedule, prediction(models)), cond, uncond, scale)
     denoiser = cfg_denoiser(unet_call, cond, uncond, scale)
     return v_to_eps(denoiser, models.schedule) if prediction(models) == "v" else denoiser
 
 
 def _sample(req: Request, denoiser, x_T, schedule, generator, mask=None, x0=None):
+    if req.sampler == "dpmpp2m":
+        return sample_dpmpp2m(denoiser, x_T, schedule, req.steps, mask=mask, x0=x0, generator=generator)
     if req.sampler == "plms":
         return sample_plms(denoiser, x_T, schedule, req.steps, generator=generator, mask=mask, x0=x0,
                            spacing=req.spacing)
@@ -392,7 +409,7 @@ def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
 
 @torch.no_grad()
 def txt2img(models: Models, req: Request, x_T: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
-    """CompVis' txt2img: the latent [1, 4, H/f, W/f] after each PLMS/DDIM step. x_T overrides the seed's."""
+    """CompVis' txt2img: the latent [1, 4, H/f, W/f] after each PLMS/DDIM/DPM-Solver++ step. x_T overrides the seed's."""
     check_request(models, req, "txt2img")
     h, w = check_size(models, req.height, req.width, "--")
     gen = torch.Generator().manual_seed(req.seed)
@@ -400,7 +417,7 @@ def txt2img(models: Models, req: Request, x_T: Optional[torch.Tensor] = None) ->
         x_T = _noise((1, models.config("unet").out_channels, h, w), gen, models.device)
     cond, uncond = conditioning(models, req)
     with models.use("unet") as unet:
-        denoiser = guided(models, unet_fn(unet), cond, uncond, req.scale)
+        denoiser = guided(models, unet_fn(unet), cond, uncond, req.scale, req.sampler)
         yield from _sample(req, denoiser, x_T.to(models.device, torch.float32), models.schedule, gen)
 
 
@@ -459,7 +476,7 @@ def inpaint(models: Models, req: Request, init: torch.Tensor, repaint: torch.Ten
         x_T = _noise((1, channels, h, w), gen, models.device) if x_T is None else x_T.to(models.device)
         n = total_steps(req)
         with models.use("unet") as unet:
-            denoiser = guided(models, unet_fn(unet), cond, uncond, req.scale)
+            denoiser = guided(models, unet_fn(unet), cond, uncond, req.scale, req.sampler)
             for i, x in enumerate(_sample(req, denoiser, x_T, models.schedule, gen, mask=keep, x0=x0)):
                 # ldm re-imposes the known region before each step only; after the last one, once more
                 yield keep * x0 + (1.0 - keep) * x if i == n - 1 else x
@@ -469,7 +486,7 @@ def inpaint(models: Models, req: Request, init: torch.Tensor, repaint: torch.Ten
     concat = torch.cat([F.interpolate(mask, size=(h, w)).to(models.device), masked_latent], dim=1)  # [1, 5, h, w]
     x_T = _noise((1, channels, h, w), gen, models.device) if x_T is None else x_T.to(models.device)
     with models.use("unet") as unet:
-        denoiser = guided(models, unet_fn(unet, concat), cond, uncond, req.scale)
+        denoiser = guided(models, unet_fn(unet, concat), cond, uncond, req.scale, req.sampler)
         yield from _sample(req, denoiser, x_T, models.schedule, gen)
 
 
@@ -487,7 +504,7 @@ def png_text(models: Models, req: Request, mode: str, height: int, width: int) -
         "seed": str(req.seed),
         "steps": str(req.steps),
         "steps_run": str(total_steps(req, mode)),
-        "spacing": req.spacing,
+        "spacing": "time_uniform" if req.sampler in CONTINUOUS else req.spacing,  # dpmpp2m: ldm's skip_type
         "sampler": req.sampler,
         "scale": repr(float(req.scale)),
         "size": f"{width}x{height}",

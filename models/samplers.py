@@ -3,6 +3,7 @@
 A denoiser is `denoiser(x, t) -> eps`, with `t` a [B] long tensor of training timesteps
 (0..T-1). Classifier-free guidance is a denoiser wrapper (`cfg_denoiser`), not part of a sampler.
 Every sampler is a generator that yields the latent after each step; the last one is the result.
+DPM-Solver++(2M), which works in continuous time, is in dpm_solver.py.
 
 The arithmetic mirrors CompVis ldm's DDIMSampler / PLMSSampler operation for operation (which
 quantities are float64, which are rounded to float32, the order of each sum), so an fp32 run

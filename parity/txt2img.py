@@ -1,13 +1,13 @@
-"""Sampler parity for txt2img: ldm's own PLMS / DDIM sampler driving the reference UNet, against the
-native pipeline, both from the same x_T.
+"""Sampler parity for txt2img: ldm's own PLMS / DDIM / DPM-Solver sampler driving the reference UNet, against
+the native pipeline, both from the same x_T.
 
-    seed -CPU generator-> x_T -+- ldm PLMSSampler / DDIMSampler over StandIn(ldm UNetModel) -> x_1 .. x_n -> ldm Decoder
+    seed -CPU generator-> x_T -+- ldm PLMS/DDIM/DPMSolverSampler over StandIn(ldm UNetModel) -> x_1 .. x_n -> ldm Decoder
                                +- models.pipeline.txt2img (native UNet, native sampler)      -> x'_1 .. x'_n -> native decoder
 
 Per step, two comparisons against the reference latent x_i (docs/parity.md, "Sampler parity"):
 - free-running: x'_i of the native pipeline run end to end on its own; errors accumulate.
 - teacher-forced: one native sampler step started from the reference's state before step i (its
-  latent, its PLMS eps history, its text context) lands on x~_i; the error of that step alone.
+  latent, its PLMS eps / DPM-Solver x0 history, its text context) lands on x~_i; the error of that step alone.
 At chosen steps the UNet is compared layer by layer (the parity.harness machinery) on the exact
 (x_t, t, context) batch the reference sampler fed its UNet: both guidance halves, as ldm batches them.
 
@@ -36,7 +36,8 @@ from ..models.errors import SdportError
 from ..convert.detect import SCHEDULE_KEYS
 from ..models.storage.layout import MAX_SCHEDULE
 from ..models.vae import LATENT_SCALE_SD_V1
-from ..models.samplers import cfg_denoiser, ddim_timesteps, sample_ddim, sample_plms
+from ..models.dpm_solver import sample_dpmpp2m
+from ..models.samplers import ddim_timesteps, sample_ddim, sample_plms
 from ..models.tokenizer import default_tokenizer
 from .harness import (ParityError, ParityResult, candidate_stage, default_size, deterministic, device_name,
                       dtype_of, ensure_h5, load_reference, no_progress, reference_stage, resolve_device, to_device)
@@ -144,7 +145,8 @@ class StandIn:
 class ReferencePipeline:
     """The original parts with the checkpoint's weights, fp32 on `device`: transformers' CLIPTextModel
     (as CompVis' FrozenCLIPEmbedder calls it), ldm's UNetModel under a StandIn carrying the schedule,
-    ldm's Decoder / Encoder. `sampler(name)` is ldm's PLMSSampler or DDIMSampler over the stand-in."""
+    ldm's Decoder / Encoder. `sampler(name)` is ldm's PLMSSampler, DDIMSampler or DPMSolverSampler (dpmpp2m)
+    over the stand-in."""
 
     def __init__(self, checkpoint: str, *, device="cpu", num_heads: int | None = None,
                  num_head_channels: int | None = None, components=P.NEEDS["txt2img"], lazy: bool = False):
@@ -208,10 +210,11 @@ class ReferencePipeline:
 
     def sampler(self, name: str):
         from ldm.models.diffusion.ddim import DDIMSampler
+        from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
         from ldm.models.diffusion.plms import PLMSSampler
 
         self.part("unet")  # what the stand-in's apply_model calls
-        return {"plms": PLMSSampler, "ddim": DDIMSampler}[name](self.model)
+        return {"plms": PLMSSampler, "ddim": DDIMSampler, "dpmpp2m": DPMSolverSampler}[name](self.model)
 
 
 @contextlib.contextmanager
@@ -268,7 +271,7 @@ def guided(out: torch.Tensor, scale: float, doubled: bool) -> torch.Tensor:
 class ReferenceRun:
     """What one ldm sampler run went through, step by step (CPU float32 tensors)."""
 
-    timesteps: list[int]               # t of each step, in sampling order
+    timesteps: list                    # t of each step, in sampling order (dpmpp2m: the fractional UNet timestep)
     latents: list[torch.Tensor]        # x after each step [1, C, h, w]
     eps: list[list[torch.Tensor]]      # per step, the guided eps of each UNet call (PLMS' first step: two)
     gen_states: list[torch.Tensor]     # the noise generator's state when each step began
@@ -282,6 +285,8 @@ def run_reference(ref: ReferencePipeline, sampler: str, steps: int, x_T: torch.T
     """ldm's sampler.sample(...) from x_T; its per-step function and the UNet calls are observed, not replaced.
     spacing other than ldm: the sampler runs on those timesteps (spaced_timesteps). `on_step(done)` after
     each step."""
+    if sampler == "dpmpp2m":
+        return _run_reference_dpm(ref, steps, x_T, cond, uncond, scale, gen, record_steps, on_step)
     s = ref.sampler(sampler)
     run = ReferenceRun([], [], [], [], {})
     name = f"p_sample_{sampler}"
@@ -319,6 +324,71 @@ def run_reference(ref: ReferencePipeline, sampler: str, steps: int, x_T: torch.T
     return run
 
 
+@contextlib.contextmanager
+def observed_dpm_solver(on_eps, on_step):
+    """Within the block the DPMSolverSampler builds a DPM_Solver subclass that reports each guided eps
+    (`on_eps(t_continuous, eps)`: its model_fn's output, v already converted) and each step's result
+    (`on_step(x)`). ldm's multistep loop has no per-step method; each step is one call of
+    multistep_dpm_solver_update, so that is what is observed. The arithmetic is ldm's, untouched."""
+    import ldm.models.diffusion.dpm_solver.sampler as ldm_dpm
+
+    base = ldm_dpm.DPM_Solver
+
+    class Observed(base):
+        def noise_prediction_fn(self, x, t):
+            out = super().noise_prediction_fn(x, t)
+            on_eps(t, out)
+            return out
+
+        def multistep_dpm_solver_update(self, *args, **kwargs):
+            out = super().multistep_dpm_solver_update(*args, **kwargs)
+            on_step(out)
+            return out
+
+    ldm_dpm.DPM_Solver = Observed
+    try:
+        yield
+    finally:
+        ldm_dpm.DPM_Solver = base
+
+
+@torch.no_grad()
+def _run_reference_dpm(ref: ReferencePipeline, steps: int, x_T, cond, uncond, scale: float, gen: torch.Generator,
+                       record_steps, on_step) -> ReferenceRun:
+    """ldm's DPMSolverSampler.sample(...) from x_T, observed. Step i makes one UNet call (at its start
+    latent, before the update), so a call's eps and inputs belong to the step the next update ends."""
+    s = ref.sampler("dpmpp2m")
+    run = ReferenceRun([], [], [], [], {})
+    n_total = ref.model.num_timesteps
+
+    def on_call(x, t, c, out):
+        i = len(run.eps)
+        if i in record_steps and i not in run.unet_inputs:
+            run.unet_inputs[i] = {"x": x.float().cpu(), "t": t.cpu(), "context": c.float().cpu()}
+
+    def eps_seen(t, eps):
+        run.timesteps.append(round(float((t[0] - 1.0 / n_total) * 1000.0), 3))  # the UNet timestep (model_wrapper)
+        run.eps.append([eps.float().cpu()])
+        run.gen_states.append(gen.get_state())  # unused: DPM-Solver++(2M) draws no noise
+
+    def step_done(x):
+        run.latents.append(x.float().cpu())
+        if on_step is not None:
+            on_step(len(run.latents))
+
+    ref.model.on_call = on_call
+    quiet = io.StringIO()  # ldm prints shapes and tqdm bars
+    try:
+        with observed_dpm_solver(eps_seen, step_done), contextlib.redirect_stdout(quiet), \
+                contextlib.redirect_stderr(quiet):
+            s.sample(S=steps, batch_size=1, shape=tuple(x_T.shape[1:]), conditioning=cond.to(ref.device),
+                     verbose=False, unconditional_guidance_scale=scale, x_T=x_T.to(ref.device),
+                     unconditional_conditioning=None if uncond is None else uncond.to(ref.device))
+    finally:
+        ref.model.on_call = None
+    return run
+
+
 # ---------------------------------------------------------------------------------------------
 # Native teacher-forced steps
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +406,8 @@ def teacher_forced_step(i: int, sampler: str, denoiser, schedule, steps: int, et
     reference's guided eps for steps 0 .. i-1 (so its history is the reference's, bit for bit, and
     its latent is the reference's to float32 rounding of the update: the returned deviation, 0 when
     the update arithmetic matches ldm's exactly), and calls the native UNet from step i on.
+    dpmpp2m keeps the previous step's x0 prediction: the same replay, with sample_dpmpp2m (the replayed
+    eps give the reference's x0 history through the native, ldm-identical, data-prediction arithmetic).
     """
     n = len(run.latents)
     start_ref = x_T if i == 0 else run.latents[i - 1]
@@ -355,10 +427,14 @@ def teacher_forced_step(i: int, sampler: str, denoiser, schedule, steps: int, et
         seen.setdefault("start", x.float().cpu())
         return denoiser(x, t)
 
-    for j, x in enumerate(sample_plms(forced, x_T.to(device), schedule, steps, spacing=spacing)):
+    if sampler == "dpmpp2m":
+        it = sample_dpmpp2m(forced, x_T.to(device), schedule, steps)
+    else:
+        it = sample_plms(forced, x_T.to(device), schedule, steps, spacing=spacing)
+    for j, x in enumerate(it):
         if j == i:
             return x.float().cpu(), float((seen["start"] - start_ref).abs().max())
-    raise AssertionError(f"sample_plms yielded fewer than {i + 1} steps")
+    raise AssertionError(f"sample_{sampler} yielded fewer than {i + 1} steps")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +504,8 @@ class Txt2ImgResult:
                             FREE: "native pipeline run end to end from x_T, its latent after step i against the "
                                   "reference's",
                             TEACHER: "one native sampler step from the reference's state before step i (latent, "
-                                     "PLMS eps history, text context) against the reference's latent after it",
+                                     "PLMS eps / DPM-Solver x0 history, text context) against the reference's "
+                                     "latent after it",
                             "start_max_abs": "max |latent the teacher-forced step started from - the reference's|"},
             "notes": self.notes, "conditioning": self.conditioning, "steps": self.steps, "image": self.image,
             "layers_at_steps": layers,
@@ -459,7 +536,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
     512x512) times the VAE's factor; ldm materialises each attention matrix, so a tiny model at 512x512
     would need tens of GiB."""
     if sampler not in P.SAMPLERS:
-        raise SdportError(f"sampler {sampler!r}: choose plms or ddim")
+        raise SdportError(f"sampler {sampler!r}: choose {', '.join(P.SAMPLERS)}")
     dev = resolve_device(device)
     dtype_of(dtype)  # the name checked before any work
     gate_dtype = dtype_key(gate_dtype or dtype)
@@ -530,7 +607,9 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
 
         records = []
         with models.use("unet") as unet:
-            denoiser = cfg_denoiser(P.unet_fn(unet), ref_c.to(dev), None if ref_uc is None else ref_uc.to(dev), scale)
+            # the pipeline's own guided denoiser (v converted as the sampler needs), on the reference's context
+            denoiser = P.guided(models, P.unet_fn(unet), ref_c.to(dev), None if ref_uc is None else ref_uc.to(dev),
+                                scale, sampler)
             for i in range(n):
                 x, dev_start = teacher_forced_step(i, sampler, denoiser, models.schedule, steps, eta, x_T, run, dev,
                                                    spacing)

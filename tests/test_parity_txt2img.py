@@ -169,3 +169,72 @@ def test_output_paths_are_checked_before_the_run(tmp_path, monkeypatch, option, 
     blocker.write_text("")
     r = CliRunner().invoke(main, ["parity", "txt2img", ckpt, "--prompt", "x", "--out", str(blocker / "sub")])
     assert r.exit_code == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+def _dpm_run(ckpt, h5, tmp_path, steps=STEPS, sampler="dpmpp2m"):
+    js = tmp_path / "r.json"
+    rc, out, err = run_cli("parity", "txt2img", ckpt, "--h5", h5, "--prompt", PROMPT, "--steps", steps,
+                           "--sampler", sampler, "--height", 16, "--width", 16, "--layer-steps", "1", "--json", js)
+    return rc, out, err, json.loads(js.read_text()) if js.exists() else None
+
+
+def _check_dpm_report(r, steps=STEPS):
+    assert r["passed"] and r["settings"]["sampler"] == "dpmpp2m" and r["settings"]["latent_steps"] == steps
+    # ldm's time-uniform continuous steps from t = 1 to 1/N: fractional UNet timesteps, 999 down
+    ts = [s["t"] for s in r["steps"]]
+    assert ts[0] == 999.0 and all(a > b for a, b in zip(ts, ts[1:])) and any(t != int(t) for t in ts)
+    for s in r["steps"]:
+        assert 0 <= s["free"]["rel_l2"] < 1e-5 and 0 <= s["teacher_forced"]["rel_l2"] < 1e-5, s
+        assert s["teacher_forced"]["start_max_abs"] == 0.0  # the replayed eps rebuild ldm's x0 history exactly
+    assert r["image"]["reference_std"] > 0.05 and r["image"]["psnr_db"] >= IMAGE_PSNR_DB["fp32"]
+    assert [l["step"] for l in r["layers_at_steps"]] == [1] and r["layers_at_steps"][0]["passed"]
+
+
+def test_dpmpp2m_against_ldms_dpm_solver_sampler(variants, converted, tmp_path):
+    rc, out, err, r = _dpm_run(variants["lightning"], converted["lightning"], tmp_path)
+    assert rc == 0, out + err
+    assert "\nPASS\n" in out and "parity txt2img: dpmpp2m 5 steps," in out
+    _check_dpm_report(r)
+
+
+@pytest.fixture(scope="module")
+def v_h5(variants, tmp_path_factory):
+    from sdport.convert.convert import convert
+
+    return convert(variants["v2"], str(tmp_path_factory.mktemp("v") / "v.h5"), prediction="v").out
+
+
+def test_dpmpp2m_on_a_v_model_against_ldms_dpm_solver_sampler(variants, v_h5, tmp_path):
+    rc, out, err, r = _dpm_run(variants["v2"], v_h5, tmp_path)
+    assert rc == 0, out + err
+    _check_dpm_report(r)
+
+
+def test_ddim_on_a_v_model_teacher_forced_steps_convert_v(variants, v_h5, tmp_path):
+    # the teacher-forced native step uses the pipeline's own denoiser, v converted to eps as ldm's DDIM does
+    rc, out, err, r = _dpm_run(variants["v2"], v_h5, tmp_path, sampler="ddim")
+    assert rc == 0, out + err
+    assert r["passed"] and all(s["teacher_forced"]["rel_l2"] < 1e-5 for s in r["steps"])
+
+
+def test_dpmpp2m_planted_unet_fault_fails(variants, converted, tmp_path):
+    h5 = str(tmp_path / "planted.h5")
+    shutil.copy(converted["lightning"], h5)
+    with h5py.File(h5, "r+") as f:
+        d = f["unet"]["down.0.res.0.conv2.weight"]
+        d[...] = d[...] * 1.01
+    rc, out, err, r = _dpm_run(variants["lightning"], h5, tmp_path)
+    assert rc == 1, out + err
+    assert not r["passed"] and r["steps"][0]["failures"] and not r["layers_at_steps"][0]["passed"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--eta", "0.5"), "eta 0.5: DPM-Solver++(2M) is deterministic"),
+    (("--spacing", "trailing"), "--spacing trailing: dpmpp2m steps uniformly in continuous time"),
+    (("--steps", "1"), "--steps 1: dpmpp2m needs at least 2 steps"),
+])
+def test_dpmpp2m_bad_input_is_one_line_and_exit_2(variants, converted, args, message):
+    rc, out, err = run_cli("parity", "txt2img", variants["lightning"], "--h5", converted["lightning"], "--prompt", "x",
+                           "--sampler", "dpmpp2m", "--height", 16, "--width", 16, *args)
+    assert rc == 2, out + err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import ldm.models.diffusion.ddim as ldm_ddim
 import ldm.models.diffusion.plms as ldm_plms
+from ldm.models.diffusion.dpm_solver.sampler import DPMSolverSampler
 
 from sdport.convert.convert import convert
 from sdport.models import pipeline as P
@@ -100,14 +101,14 @@ def smooth_image(h=16, w=16, seed=5):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler,hw", [("plms", (16, 16)), ("ddim", (16, 24))])
+@pytest.mark.parametrize("sampler,hw", [("plms", (16, 16)), ("ddim", (16, 24)), ("dpmpp2m", (16, 24))])
 def test_txt2img_matches_reference_pipeline(models, ref, sampler, hw):
     steps, (h, w) = 10, hw
     x_T = torch.randn(1, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(123))
 
     uc, c = ref.encode_text(""), ref.encode_text(PROMPT)
     assert compare(c, uc)["rel_l2"] > 0.05, "prompt and empty prompt give the same context"
-    cls = ldm_plms.PLMSSampler if sampler == "plms" else ldm_ddim.DDIMSampler
+    cls = {"plms": ldm_plms.PLMSSampler, "ddim": ldm_ddim.DDIMSampler, "dpmpp2m": DPMSolverSampler}[sampler]
     with torch.no_grad():
         samples, _ = cls(ref.model).sample(S=steps, batch_size=1, shape=(4, h // 2, w // 2), conditioning=c,
                                            verbose=False, unconditional_guidance_scale=SCALE,
@@ -264,6 +265,18 @@ def test_v_model_txt2img_ddim_matches_reference_pipeline(v_model):
     test_txt2img_matches_reference_pipeline(*v_model, "ddim", (16, 24))
 
 
+def test_v_model_txt2img_dpmpp2m_matches_reference_pipeline(v_model):
+    test_txt2img_matches_reference_pipeline(*v_model, "dpmpp2m", (16, 16))
+
+
+def test_dpmpp2m_runs_exactly_the_steps_asked(models):
+    for steps in (2, 3, 30, 333):  # counts ldm's DDIM stride refuses or stretches (3, 333; 30 -> 31)
+        req = P.Request(sampler="dpmpp2m", steps=steps, height=16, width=16)
+        assert P.total_steps(req) == steps and P.steps_note(req) is None
+    assert len(run(P.txt2img(models, P.Request(prompt=PROMPT, sampler="dpmpp2m", steps=3, height=16,
+                                               width=16)))) == 3
+
+
 def test_v_model_img2img_matches_reference_pipeline(v_model, monkeypatch):
     test_img2img_matches_reference_pipeline(*v_model, monkeypatch, 0.5)
 
@@ -273,7 +286,7 @@ def test_v_model_img2img_matches_reference_pipeline(v_model, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler", ["plms", "ddim"])
+@pytest.mark.parametrize("sampler", ["plms", "ddim", "dpmpp2m"])
 def test_plain_inpainting_keeps_the_init_latent_outside_the_mask(models, sampler):
     seed, (h, w) = 4, (16, 16)
     init = smooth_image(h, w)
@@ -374,6 +387,17 @@ def test_errors(models, converted, variants, tmp_path):
         next(P.txt2img(models, P.Request(sampler="plms", eta=0.5, height=16, width=16)))
     with pytest.raises(SdportError, match="--steps 0"):
         next(P.txt2img(models, P.Request(steps=0, height=16, width=16)))
+    dpm = dict(sampler="dpmpp2m", height=16, width=16)
+    with pytest.raises(SdportError, match=r"eta 0.5: DPM-Solver\+\+\(2M\) is deterministic"):
+        next(P.txt2img(models, P.Request(eta=0.5, **dpm)))
+    with pytest.raises(SdportError, match="--spacing linspace: dpmpp2m steps uniformly in continuous time"):
+        next(P.txt2img(models, P.Request(spacing="linspace", **dpm)))
+    with pytest.raises(SdportError, match="--steps 1: dpmpp2m needs at least 2 steps"):
+        next(P.txt2img(models, P.Request(steps=1, **dpm)))
+    with pytest.raises(SdportError, match="img2img runs DDIM only .*got sampler dpmpp2m"):
+        next(P.img2img(models, P.Request(sampler="dpmpp2m"), smooth_image()))
+    with pytest.raises(SdportError, match="sampler 'euler': choose plms, ddim, dpmpp2m"):
+        next(P.txt2img(models, P.Request(sampler="euler", height=16, width=16)))
     with pytest.raises(SdportError, match="nothing to repaint"):
         next(P.inpaint(models, P.Request(steps=2), smooth_image(), torch.zeros(1, 1, 16, 16)))
     with pytest.raises(SdportError, match="same size"):

@@ -141,6 +141,35 @@ def test_img2img_runs_from_an_init_png(converted, tmp_path):
     assert 0 < diff < 128
 
 
+def test_dpmpp2m_is_a_sampler_choice_of_txt2img_and_inpaint(converted, tmp_path):
+    from sdport import cli as C
+    from sdport.models import pipeline
+
+    assert C.SAMPLERS == list(pipeline.SAMPLERS)
+    model, out = converted["lightning"], tmp_path / "d.png"
+    code, stdout, stderr = cli("txt2img", model, "a red cube", "--sampler", "dpmpp2m", "--steps", 3,
+                               "--height", 16, "--width", 16, "-o", out)
+    assert code == 0, stderr
+    assert stdout.startswith(f"wrote {out}: 16x16, dpmpp2m 3 steps")
+    text = images.read_png_text(out)
+    assert (text["sampler"], text["steps_run"], text["spacing"]) == ("dpmpp2m", "3", "time_uniform")
+    assert "eta" not in text
+    rgb = smooth_rgb(16, 16)
+    rgb[4:12, 4:12] = (0, 255, 0)
+    init, painted = write_png(tmp_path / "in.png", rgb), tmp_path / "p.png"
+    code, _, stderr = cli("inpaint", model, "a window", "--init", init, "--steps", 4, "--sampler", "dpmpp2m",
+                          "-o", painted)
+    assert code == 0, stderr
+    assert not np.all(pixels(painted)[4:12, 4:12] == (0, 255, 0))
+    assert images.read_png_text(painted)["sampler"] == "dpmpp2m"
+    args = [model, "x", "--sampler", "dpmpp2m", "--height", 16, "--width", 16, "-o", tmp_path / "e.png"]
+    one_line_error(cli("txt2img", *args, "--eta", 0.5), "eta 0.5: DPM-Solver++(2M) is deterministic")
+    one_line_error(cli("txt2img", *args, "--spacing", "leading"), "--spacing leading: dpmpp2m")
+    one_line_error(cli("txt2img", *args, "--steps", 1), "--steps 1: dpmpp2m needs at least 2 steps")
+    code, _, stderr = cli("txt2img", model, "x", "--sampler", "dpmpp2m-karras", "-o", tmp_path / "k.png")
+    assert code == 2 and "'dpmpp2m-karras' is not one of 'plms', 'ddim', 'dpmpp2m'" in stderr
+
+
 def test_inpaint_green_region_with_a_plain_model(converted, tmp_path):
     rgb = smooth_rgb(16, 16)
     rgb[4:12, 4:12] = (0, 255, 0)

@@ -479,3 +479,168 @@ def test_plms_on_a_v_model_against_steps_computed_by_hand(eps, inputs, schedule)
         x2 = ddim_step(x1, (3 * e1 - e0) / 2, ts[1], ts[2])
     assert rel_l2(native[0].double(), x1) <= 1e-5 and rel_l2(native[1].double(), x2) <= 1e-5
     assert rel_l2(x2, inputs["x_T"].double()) > 0.01  # the steps moved the latent
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++(2M) against ldm's DPMSolverSampler (multistep, order 2, time-uniform, x0 form)
+# ---------------------------------------------------------------------------------------------
+
+import ldm.models.diffusion.dpm_solver.sampler as ldm_dpm_sampler  # noqa: E402
+from ldm.models.diffusion.dpm_solver.dpm_solver import DPM_Solver, NoiseScheduleVP  # noqa: E402
+
+from sdport.models import dpm_solver as DPM  # noqa: E402
+
+
+def record_dpm(monkeypatch):
+    """Replace the DPM_Solver the sampler builds by a subclass that records, per step, the latent after
+    the update and the x0 prediction the step used (ldm's loop has no per-step function to wrap)."""
+    steps, x0s = [], []
+
+    class Recording(DPM_Solver):
+        def data_prediction_fn(self, x, t):
+            out = super().data_prediction_fn(x, t)
+            x0s.append(out.clone())
+            return out
+
+        def multistep_dpm_solver_update(self, *args, **kwargs):
+            out = super().multistep_dpm_solver_update(*args, **kwargs)
+            steps.append((out.clone(), x0s[-1]))
+            return out
+
+    monkeypatch.setattr(ldm_dpm_sampler, "DPM_Solver", Recording)
+    return steps
+
+
+def test_noise_schedule_matches_ldms(schedule):
+    ns = DPM.NoiseSchedule(schedule.alphas_cumprod, "cpu")
+    ref = NoiseScheduleVP("discrete", alphas_cumprod=schedule.alphas_cumprod.clone())
+    t = torch.cat([torch.linspace(1.0, 1e-3, 51), torch.linspace(1.0, 1e-3, 14), ref.t_array[0, ::37],
+                   torch.tensor([0.0006, 1.2])])  # keypoints themselves and both extrapolations
+    for ours, theirs in ((ns.log_alpha, ref.marginal_log_mean_coeff), (ns.alpha, ref.marginal_alpha),
+                         (ns.sigma, ref.marginal_std), (ns.lambda_, ref.marginal_lambda)):
+        assert torch.equal(ours(t), theirs(t)), ours.__name__
+    solver = DPM_Solver(None, ref, predict_x0=True)
+    for n in (2, 9, 20, 50):
+        assert torch.equal(ns.time_steps(n, "cpu"), solver.get_time_steps("time_uniform", 1.0, 1e-3, n, "cpu"))
+
+
+def test_unet_timestep_embedding_takes_fractional_timesteps():
+    from ldm.modules.diffusionmodules.util import timestep_embedding as ldm_embedding
+
+    from sdport.models.unet import timestep_embedding
+
+    ns = DPM.NoiseSchedule(S.linear_schedule().alphas_cumprod, "cpu")
+    t = ns.model_time(ns.time_steps(20, "cpu"))
+    assert t.dtype == torch.float32 and (t != t.round()).any()  # fractional indeed
+    for dim in (320, 321):
+        assert torch.equal(timestep_embedding(t, dim), ldm_embedding(t, dim))
+
+
+def ldm_dpm_sample(model, steps, inputs):
+    sampler = ldm_dpm_sampler.DPMSolverSampler(model)
+    with torch.no_grad():
+        x, _ = sampler.sample(S=steps, batch_size=B, shape=(C, H, W), conditioning=inputs["cond"],
+                              x_T=inputs["x_T"].clone(), unconditional_guidance_scale=SCALE,
+                              unconditional_conditioning=inputs["uncond"], verbose=False)
+    return x
+
+
+def native_dpm(eps, inputs, schedule, steps, prediction, unet=None):
+    model = DPM.continuous_time(unet or eps, schedule, prediction)
+    denoiser = S.cfg_denoiser(model, inputs["cond"], inputs["uncond"], SCALE)
+    with torch.no_grad():
+        return run_native(lambda cb: DPM.sample_dpmpp2m(denoiser, inputs["x_T"], schedule, steps, callback=cb))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("steps", [2, 10, 20])  # 20: no first-order last step (>= 15 steps)
+def test_dpmpp2m_matches_ldm(steps, prediction, eps, inputs, schedule, monkeypatch, capsys):
+    model = (VStandIn if prediction == "v" else StandIn)(eps)
+    ref = record_dpm(monkeypatch)
+    out = ldm_dpm_sample(model, steps, inputs)
+    native, native_x0 = native_dpm(eps, inputs, schedule, steps, prediction)
+    assert_steps_match(native, native_x0, ref, steps)
+    assert torch.equal(ref[-1][0], out)
+    # float32 rounding at most: the arithmetic is ldm's, operation for operation
+    assert max(rel_l2(x, r) for x, (r, _) in zip(native, ref)) < 1e-6
+
+
+def test_dpmpp2m_parity_catches_a_planted_difference(eps, inputs, schedule, monkeypatch, capsys):
+    """The same comparison fails when the native side differs slightly: a 1e-4 relative change to the
+    model's output at one timestep, or the v model's output read as eps."""
+    steps = 10
+    ref = record_dpm(monkeypatch)
+    ldm_dpm_sample(StandIn(eps), steps, inputs)
+    calls = {"n": 0}
+
+    def planted(x, t, c):
+        calls["n"] += 1
+        out = eps(x, t, c)
+        return out * (1 + 1e-4) if calls["n"] == 4 else out
+
+    native, native_x0 = native_dpm(eps, inputs, schedule, steps, "eps", unet=planted)
+    with pytest.raises(AssertionError, match="step 3"):
+        assert_steps_match(native, native_x0, ref, steps)
+
+    ref_v = record_dpm(monkeypatch)
+    ldm_dpm_sample(VStandIn(eps), steps, inputs)
+    native, native_x0 = native_dpm(eps, inputs, schedule, steps, "eps")
+    with pytest.raises(AssertionError, match="step 0"):
+        assert_steps_match(native, native_x0, ref_v, steps)
+
+
+def test_dpmpp2m_lower_order_final_and_ddim_first_step(eps, inputs, schedule):
+    """Under 15 steps the last step is first order: its result depends on the last x0 prediction only."""
+    steps = 6
+    guided = S.cfg_denoiser(DPM.continuous_time(eps, schedule), inputs["cond"], inputs["uncond"], SCALE)
+    x0s = []
+    with torch.no_grad():
+        xs = list(DPM.sample_dpmpp2m(guided, inputs["x_T"], schedule, steps,
+                                     callback=lambda d: x0s.append(d["denoised"].double())))
+        ns = DPM.NoiseSchedule(schedule.alphas_cumprod, "cpu")
+        ts = ns.time_steps(steps, "cpu")
+        # a first-order (DDIM) step from t_s to t_t in x0 form: x_t = sigma_t / sigma_s x_s + alpha_t (1 - e^-h) x0
+        for i, x_s in ((0, inputs["x_T"]), (steps - 1, xs[-2])):
+            s, t = ts[i:i + 1].double(), ts[i + 1:i + 2].double()
+            a = lambda u: ns.alpha(u.float()).double()  # noqa: E731
+            sg = lambda u: ns.sigma(u.float()).double()  # noqa: E731
+            h = (a(t) / sg(t)).log() - (a(s) / sg(s)).log()
+            want = sg(t) / sg(s) * x_s.double() + a(t) * (1 - torch.exp(-h)) * x0s[i]
+            assert rel_l2(xs[i].double(), want) < 1e-5, i
+    assert rel_l2(xs[-1], inputs["x_T"]) > 0.1
+
+
+def test_dpmpp2m_masked_steps_start_from_noised_x0_where_mask_is_one(eps, inputs, schedule):
+    """No ldm counterpart (its DPM sampler ignores mask / x0): before each step the known region
+    (mask == 1) is alpha_t x0 + sigma_t noise, one noise draw per step; the rest is the latent."""
+    seen = []
+    model = DPM.continuous_time(eps, schedule)
+    guided = S.cfg_denoiser(model, inputs["cond"], inputs["uncond"], SCALE)
+
+    def watching(x, t):
+        seen.append((x.clone(), t.clone()))
+        return guided(x, t)
+
+    steps, mask, x0 = 12, inputs["mask"], inputs["x0"]
+    with torch.no_grad():
+        xs = list(DPM.sample_dpmpp2m(watching, inputs["x_T"], schedule, steps, mask=mask, x0=x0,
+                                     generator=torch.Generator().manual_seed(0)))
+    ns = DPM.NoiseSchedule(schedule.alphas_cumprod, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for i, (x_in, t) in enumerate(seen):
+        q = ns.alpha(t)[:, None, None, None] * x0 + ns.sigma(t)[:, None, None, None] * torch.randn(
+            x0.shape, generator=gen)
+        prev = inputs["x_T"] if i == 0 else xs[i - 1]
+        assert torch.equal(x_in[..., : W // 2], q[..., : W // 2]), i
+        assert torch.equal(x_in[..., W // 2:], prev[..., W // 2:]), i
+    assert len(seen) == steps and rel_l2(xs[-1], inputs["x_T"]) > 0.1
+
+
+def test_dpmpp2m_errors(eps, inputs, schedule):
+    guided = S.cfg_denoiser(DPM.continuous_time(eps, schedule), inputs["cond"])
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        next(DPM.sample_dpmpp2m(guided, inputs["x_T"], schedule, 1))
+    with pytest.raises(ValueError, match="mask and x0"):
+        next(DPM.sample_dpmpp2m(guided, inputs["x_T"], schedule, 10, mask=inputs["mask"]))
+    with pytest.raises(ValueError, match="prediction 'x0'"):
+        DPM.continuous_time(eps, schedule, "x0")

@@ -79,6 +79,10 @@ BAD = {
     "not toml": ("[[run]\n", "not valid TOML"),
     "eta with plms": ('[[run]]\nparity = "txt2img"\nprompt = "x"\nseed = 0\neta = 0.5\n', "eta > 0 needs"),
     "bad port": ('[[run]]\nparity = "unet"\nseed = 0\nport = "tensorflow:x"\n', "port = tensorflow:x: expected diffusers"),
+    "eta with dpmpp2m": ('[[run]]\nparity = "txt2img"\nprompt = "x"\nseed = 0\neta = 0.5\nsampler = "dpmpp2m"\n',
+                         "dpmpp2m takes no eta"),
+    "spacing with dpmpp2m": ('[[run]]\nparity = "txt2img"\nprompt = "x"\nseed = 0\nspacing = "trailing"\n'
+                             'sampler = "dpmpp2m"\n', "spacing applies to plms and ddim"),
 }
 
 

@@ -75,7 +75,7 @@ COMPONENT_PARAMS = {**COMMON, "mode": (_choice("accumulated", "isolated", "both"
 TXT2IMG_PARAMS = {**COMMON, "prompt": (_str, "a string"), "negative": (_str, "a string"),
                   "steps": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
                   "spacing": (_choice("ldm", "linspace", "leading", "trailing"), None),
-                  "scale": (_num, "a number"), "sampler": (_choice("plms", "ddim"), None),
+                  "scale": (_num, "a number"), "sampler": (_choice("plms", "ddim", "dpmpp2m"), None),
                   "eta": (lambda v: _num(v) and v >= 0, "a number >= 0"),
                   "height": (lambda v: _int(v) and v >= 1, "an integer"), "width": (lambda v: _int(v) and v >= 1, "an integer"),
                   "layer_steps": (_steps_list, "a list of step numbers"), "image_psnr": (_num, "a number")}
@@ -340,8 +340,10 @@ def _cells(run: dict, name: str, checkpoints: dict, device: str, base: str, fail
             p = {**defaults, **fixed, **dict(zip(axes, combo))}
             if "port" in p:
                 p["port"] = _resolve_port(p["port"], base)
-            if p.get("eta") and p.get("sampler") == "plms":
-                fail("eta > 0 needs sampler = \"ddim\" (PLMS takes no eta)")
+            if p.get("eta") and p.get("sampler") in ("plms", "dpmpp2m"):
+                fail(f"eta > 0 needs sampler = \"ddim\" ({p['sampler']} takes no eta)")
+            if p.get("sampler") == "dpmpp2m" and p.get("spacing", "ldm") != "ldm":
+                fail("spacing applies to plms and ddim (dpmpp2m steps uniformly in continuous time)")
             out.append(Cell(name, kind, checkpoints[ckpt], tuple(sorted((k, _freeze(v)) for k, v in p.items())),
                             axes))
     return out
