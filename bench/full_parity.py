@@ -1,12 +1,14 @@
 """Full-size parity per component on the CPU: build (if needed), convert, then native vs reference.
 
     python bench/full_parity.py [--ckpt PATH] [--components unet,decoder,encoder,text_model] [--json OUT]
-    python bench/full_parity.py --generation v2 --components unet,text_model   # SD 2.x at full size
+    python bench/full_parity.py --generation v2 --components unet,text_model --round-trip   # SD 2.x at full size
 
 Each component is loaded from the converted .h5 and compared, fp32, on seeded inputs with the
 reference: UNet vs ldm UNetModel, VAE encoder/decoder vs ldm Encoder/Decoder (+ quant convs), text
 encoder vs transformers CLIPTextModel (SD v1) or FrozenOpenCLIPEmbedder's computation on open_clip's
 text tower (SD 2.x, parity/reference/openclip.py). One component in memory at a time. Gate: rel_l2 <= 1e-5.
+--round-trip also exports the .h5 back to safetensors and compares every tensor with the checkpoint's,
+bit for bit (dtype included).
 """
 from __future__ import annotations
 
@@ -93,8 +95,29 @@ def compare(comp: str, ckpt: str, h5: str) -> dict:
     else:
         raise SystemExit(f"unknown component {comp}")
     errs = [_rel(a, r) for a, r in outs]
+    ref_std = min(float(r.double().std()) for _, r in outs)  # an output that is all zeros proves nothing
     return {"component": comp, "rel_l2": max(e[0] for e in errs), "max_abs": max(e[1] for e in errs),
-            "pass": max(e[0] for e in errs) <= GATE}
+            "reference_std": ref_std, "pass": max(e[0] for e in errs) <= GATE and ref_std > 0}
+
+
+def round_trip(ckpt: str, h5: str) -> dict:
+    """sdport export of the .h5, then each exported tensor against the checkpoint's, one at a time."""
+    import tempfile
+
+    from sdport.convert.checkpoint import open_checkpoint
+    from sdport.convert.convert import export
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(h5))) as d:
+        out = os.path.join(d, "back.safetensors")
+        counts = export(h5, out)
+        with open_checkpoint(ckpt) as a, open_checkpoint(out) as b:
+            back = list(b.keys())
+            missing = [k for k in back if k not in set(a.keys())]
+            differ = [k for k in back if k not in missing
+                      and not (a.tensor(k).dtype == b.tensor(k).dtype and torch.equal(a.tensor(k), b.tensor(k)))]
+    return {"component": "round_trip", "tensors": len(back), "per_component": counts, "not_in_source": missing,
+            "differ": differ, "pass": not missing and not differ, "seconds": time.perf_counter() - t0}
 
 
 def main(argv=None):
@@ -103,6 +126,7 @@ def main(argv=None):
     ap.add_argument("--generation", choices=["v1", "v2"], default="v1")
     ap.add_argument("--components", default="unet,decoder,encoder,text_model")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--round-trip", action="store_true", help="also export and compare bit for bit")
     a = ap.parse_args(argv)
     variant = "v2" if a.generation == "v2" else "lightning"
     if a.ckpt is None:
@@ -120,8 +144,13 @@ def main(argv=None):
         r = compare(comp, a.ckpt, h5)
         r["seconds"] = time.perf_counter() - t0
         rows.append(r)
-        print(f"{comp:<12} rel_l2 {r['rel_l2']:.2e}  max_abs {r['max_abs']:.2e}  "
+        print(f"{comp:<12} rel_l2 {r['rel_l2']:.2e}  max_abs {r['max_abs']:.2e}  reference std {r['reference_std']:.3g}  "
               f"{'ok' if r['pass'] else 'FAIL'}  ({r['seconds']:.0f} s)", flush=True)
+    if a.round_trip:
+        r = round_trip(a.ckpt, h5)
+        rows.append(r)
+        print(f"round trip   {r['tensors']} tensors, {len(r['differ'])} differ, {len(r['not_in_source'])} not in the "
+              f"source  {'ok' if r['pass'] else 'FAIL'}  ({r['seconds']:.0f} s)", flush=True)
     record = {"benchmark": "full_parity", "settings": vars(a) | {"h5": h5, "gate_rel_l2": GATE},
               "machine": common.machine(), "versions": common.versions(), "results": rows,
               "peak_rss_mib": common.peak_rss_mib()}
