@@ -77,7 +77,8 @@ def test_parity_records_the_precision_and_refuses_it_off_the_unet(converted, var
     for p in ("fp32", "compute"):
         out = tmp_path / f"{p}.json"
         rc, _, err = run_cli("parity", "unet", variants["lightning"], "--h5", converted["lightning"], "--dtype", "bf16",
-                             "--mode", "accumulated", "--batch", "1", "--attention-precision", p, "--json", out)
+                             "--mode", "accumulated", "--batch", "1", "--size", "16", "--attention-precision", p,
+                             "--json", out)
         assert rc == 0, err
         rep = json.loads(out.read_text())
         assert rep["inputs"]["attention_precision"] == p
