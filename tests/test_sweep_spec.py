@@ -97,7 +97,7 @@ def test_bad_specs_get_one_line_and_exit_2(tmp_path, case):
 
 def test_a_missing_spec_and_a_missing_checkpoint_are_one_line(tmp_path):
     code, _, err = run_cli("sweep", tmp_path / "nope.toml")
-    assert code == 2 and "no such spec file" in err and err.count("\n") == 1
+    assert code == 2 and "nope.toml: no such file" in err and err.count("\n") == 1
     p = tmp_path / "s.toml"
     p.write_text('[checkpoints]\nbase = "missing.ckpt"\n[[run]]\nparity = "unet"\nseed = 0\n')
     code, _, err = run_cli("sweep", p)
@@ -137,6 +137,25 @@ def test_a_spec_runs_no_port_code_unless_the_command_line_allows_it(tmp_path, wh
         assert code == 2 and err.count("\n") == 1 and "--allow-port-code" in err, err
         assert not marker.exists() and not (tmp_path / "out").exists()
     assert any(c.p["port"] == "torch:subprocess:call" for c in S.load(spec, allow_port_code=True).cells)
+
+
+def test_a_spec_cannot_take_unbounded_memory_or_time(tmp_path):
+    """A FIFO for a spec, a spec past its byte bound and a grid whose product is astronomical: each refused
+    in one line, at once (the grid before it is expanded)."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    code, _, err = run_cli("sweep", fifo)
+    assert code == 2 and "not a regular file" in err and err.count("\n") == 1, err
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * S.MAX_SPEC_BYTES + "\n")
+    code, _, err = run_cli("sweep", big)
+    assert code == 2 and "a sweep spec is a short TOML file" in err, err
+    axes = "\n".join(f"{k} = [{', '.join(map(str, range(8, 1008, 8)))}]" for k in ("seed", "batch", "size"))
+    body = '[[run]]\nparity = "unet"\n[run.grid]\n' + axes + "\n"
+    code, _, err = run_cli("sweep", write_spec(tmp_path, body))
+    assert code == 2 and "cells; at most 100,000" in err and err.count("\n") == 1, err
+    code, _, err = run_cli("sweep", write_spec(tmp_path, '[sweep]\nattempts = 1000000000\n[[run]]\nparity = "unet"\nseed = 0\n'))
+    assert code == 2 and "attempts = 1000000000" in err, err
 
 
 def test_margins_are_negative_exactly_when_the_gate_fails():

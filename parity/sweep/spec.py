@@ -32,6 +32,9 @@ KINDS = (*COMPONENTS, TXT2IMG)
 DTYPES = ("fp32", "fp16", "bf16")
 GATES = (*DTYPES, "int8")
 DEFAULT_ATTEMPTS = 3
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of TOML; a larger file is refused before it is parsed
+MAX_CELLS = 100_000  # a grid's product is checked before it is expanded
+MAX_ATTEMPTS = 100
 
 
 class SpecError(SdportError):
@@ -198,13 +201,16 @@ def load(path: str, allow_port_code: bool = False) -> Spec:
     code that the spec names, so it is refused unless the caller allows it (`--allow-port-code`)."""
     if tomllib is None:  # pragma: no cover
         raise SpecError("sweep specs need Python 3.11+ (tomllib)")
+    from ...models.storage.small import read_regular
+
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such spec file") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path}: is a directory, not a spec file") from None
+        raw = read_regular(path, MAX_SPEC_BYTES, "a spec file")
+    except SdportError as e:
+        raise SpecError(str(e)) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: more than {MAX_SPEC_BYTES >> 20} MiB; a sweep spec is a short TOML file")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
     except UnicodeDecodeError:
@@ -228,8 +234,8 @@ def parse(data: dict, path: str, allow_port_code: bool = False) -> Spec:
     if bad:
         fail(f"[sweep]: unknown key {bad[0]!r} (name, device, attempts)")
     attempts = head.get("attempts", DEFAULT_ATTEMPTS)
-    if not (_int(attempts) and attempts >= 1):
-        fail(f"[sweep] attempts = {attempts!r}: expected an integer >= 1")
+    if not (_int(attempts) and 1 <= attempts <= MAX_ATTEMPTS):
+        fail(f"[sweep] attempts = {attempts!r}: expected an integer in [1, {MAX_ATTEMPTS}]")
     device = head.get("device", "cpu")
     if not _str(device):
         fail("[sweep] device: expected a string")
@@ -250,6 +256,8 @@ def parse(data: dict, path: str, allow_port_code: bool = False) -> Spec:
         names.append(name)
         cells += _cells(run, name, checkpoints, device, base, lambda m, n=name: fail(f"run {n!r}: {m}"),
                         allow_port_code)
+        if len(cells) > MAX_CELLS:
+            fail(f"more than {MAX_CELLS:,} cells in all (split the spec)")
     return Spec(path, head.get("name", os.path.splitext(os.path.basename(path))[0]), attempts,
                 tuple(checkpoints.values()), tuple(cells), tuple(names))
 
@@ -334,6 +342,9 @@ def _cells(run: dict, name: str, checkpoints: dict, device: str, base: str, fail
         fail(f"checkpoint {missing[0]!r} is not in [checkpoints] ({', '.join(checkpoints)})")
 
     axes = tuple(grid)
+    if math.prod(len(v) for v in grid.values()) * len(chosen) > MAX_CELLS:
+        fail(f"the grid makes {math.prod(len(v) for v in grid.values()) * len(chosen):,} cells; at most "
+             f"{MAX_CELLS:,} in a spec (split it)")
     out = []
     for ckpt in chosen:
         for combo in itertools.product(*grid.values()):
