@@ -181,13 +181,45 @@ def test_planted_faults_are_named_by_node(exported, variants, tmp_path, fault, c
 
 def test_a_residual_add_turned_sub_is_named_by_the_cli_which_exits_1(exported, variants, tmp_path):
     bad = _plant(exported / "sd" / "unet.onnx", tmp_path / "bad.onnx", _residual_add)
+    # Observed in segments of at most 600 KiB held (the culprit's cut is kept from its isolated run).
     code, out, err = run_cli("parity", "unet", variants["lightning"], "--port", f"onnx:{bad}", "--batch", "1",
-                             "--size", "8", "--mode", "isolated", "--json", tmp_path / "r.json")
+                             "--size", "8", "--mode", "isolated", "--json", tmp_path / "r.json", "--onnx-memory", "600K")
     assert code == 1, err
     assert "culprit: #" in out and "first node off the reference: /res.0/Add_1 (Sub)" in out
     d = json.loads((tmp_path / "r.json").read_text())
     assert d["candidate"] == "port" and d["culprit"]["reference"] == "input_blocks.1.0"
     assert d["culprit"]["mode"] == "isolated" and d["culprit"]["native"].startswith("/res.0/Add_1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: the observation run within a byte budget
+
+
+def _rows(r):
+    return [(l.native, l.reference, l.metrics, l.note) for l in r.report.layers], r.unpaired
+
+
+@pytest.mark.parametrize("component, share", [("unet", 8), ("encoder", 4)])
+def test_the_observation_run_holds_no_more_than_its_byte_budget(exported, variants, component, share):
+    graph, ckpt = exported / "sd" / f"{component}.onnx", variants["lightning"]
+    whole = _run(component, ckpt, graph)  # the default budget holds the tiny graph's tensors in one run
+    o = whole.report.inputs["onnx_observation"]
+    assert o["segments"] == 1 and o["peak_bytes"] >= o["observed_bytes"] > 0
+    budget = o["observed_bytes"] // share
+    part = _run(component, ckpt, graph, onnx_memory=budget)
+    p = part.report.inputs["onnx_observation"]
+    assert p["least_peak_bytes"] <= budget, p  # the tiny graph allows that share of its tensors at once
+    assert p["peak_bytes"] <= budget and p["segments"] > 1, p
+    assert _rows(part) == _rows(whole)  # the same report, observed in segments
+
+
+def test_onnx_memory_is_checked_in_one_line(variants, exported):
+    ckpt = variants["lightning"]
+    for args, says in ((("--port", f"onnx:{exported / 'sd' / 'unet.onnx'}", "--onnx-memory", "lots"), "positive size"),
+                       (("--port", f"onnx:{exported / 'sd' / 'unet.onnx'}", "--onnx-memory", "0"), "positive size"),
+                       (("--onnx-memory", "1G"), "applies to --port onnx")):
+        code, _, err = run_cli("parity", "unet", ckpt, *args)
+        assert code == 2 and says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +273,7 @@ def test_only_the_onnx_modules_import_onnx_and_lazily():
     from test_layering import REPO, _files, imports
 
     allowed = {os.path.join("convert", "onnx_export.py"), os.path.join("parity", "ports", "onnx.py"),
-               os.path.join("parity", "ports", "onnx_graph.py")}
+               os.path.join("parity", "ports", "onnx_graph.py"), os.path.join("parity", "ports", "onnx_stream.py")}
     for top in ("models", "convert", "parity", "cli.py"):
         for f in _files(top):
             rel = os.path.relpath(f, REPO)
