@@ -157,7 +157,7 @@ def _export_one(reader: LayoutReader, name: str, out_dir: str, tdtype, dtype: st
     data_name = f"{name}.onnx.data"
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=out_dir) as work:
         raw = os.path.join(work, "traced.onnx")
-        with warnings.catch_warnings(), full_scope_names():
+        with warnings.catch_warnings(), full_scope_names(), causal_mask_in(tdtype):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(model, tuple(inputs.values()), raw, dynamo=False, opset_version=opset,
                               input_names=list(inputs), output_names=list(OUTPUTS[name]),
@@ -216,6 +216,31 @@ def full_scope_names():
         yield
     finally:
         ts._setup_trace_module_map = setup
+
+
+@contextlib.contextmanager
+def causal_mask_in(dtype):
+    """For an fp16 export: `scaled_dot_product_attention(is_causal=True)` given its mask explicitly,
+    built in the query's dtype. The exporter's own causal mask is fp32, and adding it to fp16 scores
+    promotes the rest of the graph to fp32 (ONNX Runtime then refuses the graph's fp16 LayerNorms)."""
+    if dtype == torch.float32:
+        yield
+        return
+    F = torch.nn.functional
+    sdpa = F.scaled_dot_product_attention
+
+    def explicit(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        if is_causal and attn_mask is None:
+            keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            attn_mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
+            is_causal = False
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    F.scaled_dot_product_attention = explicit
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
 
 def native_node_names(proto) -> None:

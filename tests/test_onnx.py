@@ -247,6 +247,35 @@ def test_onnx_memory_is_checked_in_one_line(variants, exported):
 # fp16
 
 
+def test_every_component_exports_at_fp16_and_runs_in_onnx_runtime(converted, variants, tmp_path):
+    from sdport.convert.onnx_export import example_inputs
+    from sdport.models.load import read_config
+    from sdport.models.storage.layout import LayoutReader
+    from sdport.parity.metrics import default_tolerance
+
+    for h5, out in ((converted["lightning"], tmp_path / "sd"), (converted["vit_openai"], tmp_path / "vit")):
+        code, _, err = run_cli("export", h5, "--onnx", out, "--dtype", "fp16")
+        assert code == 0, err
+        m = json.loads((out / "manifest.json").read_text())
+        with LayoutReader(h5) as reader:
+            for name, c in m["components"].items():
+                assert c["ort_check"]["rel_l2_vs_native"] < 2e-2, name
+                sess = ort.InferenceSession(str(out / c["file"]), providers=["CPUExecutionProvider"])
+                inputs, _ = example_inputs(name, read_config(reader, name))
+                feed = {k: v.numpy().astype(np.float16) if v.is_floating_point() else v.numpy() for k, v in inputs.items()}
+                assert all(i.type in ("tensor(float16)", "tensor(int64)") for i in sess.get_inputs()), name
+                y = sess.run(None, feed)[0]
+                assert y.dtype == np.float16 and np.isfinite(y).all(), name
+    assert set(json.loads((tmp_path / "sd" / "manifest.json").read_text())["components"]) == {
+        "unet", "text_model", "encoder", "decoder"}
+    # The fp16 text encoder against the fp32 reference, layer by layer, under the fp16 gate.
+    rep = _run("text_model", variants["lightning"], tmp_path / "sd" / "text_model.onnx",
+               tolerance=default_tolerance("fp16")).report
+    assert rep.passed
+    errors = [l.metrics["accumulated"]["rel_l2"] for l in rep.layers]
+    assert all(np.isfinite(errors)) and max(errors) > 1e-5
+
+
 def test_fp16_graph_against_the_fp32_reference_per_node(converted, variants, tmp_path):
     code, _, err = run_cli("export", converted["lightning"], "--onnx", tmp_path, "--dtype", "fp16",
                            "--components", "decoder")
