@@ -140,8 +140,8 @@ def test_sdports_own_graphs_pass_node_by_node(exported, variants, component):
     assert c["reference_layers"] - c["reference_layers_paired"] == {"text_model": 1, "vit": 1}.get(component, 0)
     if component == "text_model":
         assert "without a lookup" in r.unpaired["reference embeddings.position_embedding"]
-    # Isolated everywhere but where the reference modules take token ids only (nothing float to feed).
-    assert sum("isolated" not in l.metrics for l in rep.layers) == (2 if component == "text_model" else 0)  # the token lookup, the embeddings
+    # Isolated everywhere, the text embeddings too (fed the reference's token ids).
+    assert all("isolated" in l.metrics for l in rep.layers)
     assert rep.layers[-1].native == "(model)"
     nodes = {n.name for n in onnx.load(str(exported / ("vit" if vit else "sd") / f"{component}.onnx")).graph.node}
     assert all(l.native.split(" [")[0] in nodes for l in rep.layers[:-1])  # ONNX node names
@@ -198,6 +198,16 @@ def test_planted_faults_are_named_by_node(exported, variants, tmp_path, fault, c
     assert not rep.passed and c is not None and c.mode == "isolated"
     assert c.reference == region, c.line()
     assert f"first node off the reference: {node}" in c.note, c.line()
+
+
+def test_a_changed_token_table_is_the_isolated_culprit_of_the_text_graph(exported, variants, tmp_path):
+    bad = _plant(exported / "sd" / "text_model.onnx", tmp_path / "bad.onnx", _scale("embed.token.weight", 1.01))
+    rep = _run("text_model", variants["lightning"], bad).report
+    c = rep.culprit
+    assert not rep.passed and c is not None and c.mode == "isolated", c and c.line()
+    assert c.reference == "embeddings.token_embedding" and c.native.startswith("embed.token/Gather"), c.line()
+    # The encoder layers, fed the reference's inputs, pass in isolation.
+    assert not any(l.failed("isolated") for l in rep.layers if l.reference.startswith("encoder.layers."))
 
 
 def test_a_residual_add_turned_sub_is_named_by_the_cli_which_exits_1(exported, variants, tmp_path):

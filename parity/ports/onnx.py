@@ -397,21 +397,34 @@ def _metrics(y, r: torch.Tensor, tokens: bool) -> tuple[dict, str]:
 
 
 def _reference_inputs(spill: Spill, name: str) -> list[torch.Tensor]:
+    """The tensors of the reference module's recorded call: floats, and integers (token ids)."""
     out = []
     for prefix in ("in", "kw"):
         j = 0
         while f"{prefix}:{name}:{j}" in spill:
             t = spill.get(f"{prefix}:{name}:{j}")
-            if t.is_floating_point():
+            if t.dtype != torch.bool and not t.is_complex():
                 out.append(t)
             j += 1
     return out
 
 
+def _distance(v: np.ndarray, r: torch.Tensor, tokens: bool) -> float:
+    """How far a graph tensor is from a recorded input: rel_l2 for floats; for integers (ids) 0 when
+    equal, else no match (inf); a float never stands for an integer or the other way round."""
+    if v.size != r.numel() or (v.dtype.kind == "f") != r.is_floating_point() or v.dtype.kind not in "fiu":
+        return float("inf")
+    if v.dtype.kind != "f":
+        return 0.0 if np.array_equal(v.reshape(-1), r.reshape(-1).numpy()) else float("inf")
+    a = torch.from_numpy(_as_port(r, v, tokens).astype(np.float64))
+    return float((torch.from_numpy(v.astype(np.float64)) - a).norm() / max(float(a.norm()), 1e-30))
+
+
 def isolate(graph: Graph, atoms, p: OnnxPair, values: dict, spill: Spill):
     """The region cut out and fed the reference module's recorded inputs, each in place of the tensor
-    upstream of the region's inputs nearest to it in value (weightless nodes in between join the cut).
-    Returns (kept nodes, feeds, names fed with the reference's values) or None without inputs."""
+    upstream of the region's inputs nearest to it in value (weightless nodes in between join the cut;
+    token ids replace a tensor of equal ids). Returns (kept nodes, feeds, names fed with the
+    reference's values) or None without inputs."""
     ref_in = _reference_inputs(spill, p.reference[0])
     if not ref_in:
         return None
@@ -420,11 +433,9 @@ def isolate(graph: Graph, atoms, p: OnnxPair, values: dict, spill: Spill):
     for r in ref_in:
         best, best_d = None, float("inf")
         for u, chain in cands:
-            v = values[u]
-            if u in chosen or v.size != r.numel() or v.dtype.kind != "f":
+            if u in chosen:
                 continue
-            a = torch.from_numpy(_as_port(r, v, p.tokens).astype(np.float64))
-            d = float((torch.from_numpy(v.astype(np.float64)) - a).norm() / max(float(a.norm()), 1e-30))
+            d = _distance(values[u], r, p.tokens)
             if d < best_d:
                 best, best_d = (u, chain), d
         if best is not None:
