@@ -140,6 +140,8 @@ def test_sdports_own_graphs_pass_node_by_node(exported, variants, component):
     assert c["reference_layers"] - c["reference_layers_paired"] == {"text_model": 1, "vit": 1}.get(component, 0)
     if component == "text_model":
         assert "without a lookup" in r.unpaired["reference embeddings.position_embedding"]
+    # The causal mask's -inf (added to the scores) is no inf/NaN finding.
+    assert "first_nonfinite" not in rep.inputs and "inf/NaN" not in " ".join(l.note for l in rep.layers)
     # Isolated everywhere, the text embeddings too (fed the reference's token ids).
     assert all("isolated" in l.metrics for l in rep.layers)
     assert rep.layers[-1].native == "(model)"

@@ -552,12 +552,15 @@ def _load_graph(path: str):
 
 
 def _first_nonfinite_in(graph: Graph, values: dict, nodes) -> tuple[int, int] | None:
-    """(node, count) of the first of `nodes` (graph order) whose float output holds an inf or a NaN."""
+    """(node, count) of the first of `nodes` (graph order) whose float output holds an inf or a NaN.
+    A node that reads a shape value (a mask built from the input's shape: the causal mask's -inf
+    above the diagonal) is counted for NaN and +inf only: its -inf is the mask's."""
     for i in nodes:
+        masked = any(t in graph.shape for t in graph.nodes[i].input)
         for t in graph.data_outputs(i):
             v = values.get(t)
             if v is not None and v.dtype.kind == "f":
-                bad = int((~np.isfinite(v)).sum())
+                bad = int(np.isnan(v).sum() + np.isposinf(v).sum()) + (0 if masked else int(np.isneginf(v).sum()))
                 if bad:
                     return i, bad
     return None
