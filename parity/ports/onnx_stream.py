@@ -119,7 +119,15 @@ def plan(graph, nbytes: dict[str, int], last_use: dict[str, int], types, budget:
     return out, least
 
 
+def _control_flow(graph) -> bool:
+    from onnx import AttributeProto
+
+    return any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.nodes for a in n.attribute)
+
+
 def _weight_plan(graph, types) -> list[tuple[int, int]]:
+    if _control_flow(graph):
+        return [(0, len(graph.nodes))]
     return plan(graph, {}, {}, types, budget=2 ** 62, weights=_weights(graph))[0]
 
 
@@ -198,6 +206,8 @@ def observe(graph, feeds: dict, types, session, *, budget: int, needs: dict[int,
         last_use[t] = n  # the inputs stay
     nbytes = sizes(graph, feeds, types, session)
     segments, least = plan(graph, nbytes, last_use, types, budget)
+    if _control_flow(graph):  # a body reads outer tensors no node input names: never cut
+        segments = [(0, n)]
     held = Held()
     if dtypes is not None:
         held.dtypes = dtypes
