@@ -672,6 +672,21 @@ def parity():
     """
 
 
+def _byte_size(option: str, text: str | None) -> int | None:
+    """'512M', '4G', '1048576' -> bytes (K, M, G, T are powers of 1024); one line on anything else."""
+    if text is None:
+        return None
+    t = text.strip().upper().removesuffix("B")
+    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        n = float("nan")
+    if not n >= 1 or n != n or n > 2 ** 62:
+        raise SdportError(f"{option} {text}: give a positive size in bytes, e.g. 512M or 4G")
+    return int(n)
+
+
 def _tolerance(dtype, tol, tolerances):
     from .parity.metrics import apply_overrides, default_tolerance, load_tolerances
 
@@ -770,11 +785,13 @@ def _component_command(component):
                   help="UNet attention heads for the reference (and a diffusers port), as for convert.")
     @click.option("--spill-dir", type=click.Path(file_okay=False, exists=True), default=None,
                   help="Where the reference's activations wait for the candidate (default: the system's temp dir).")
+    @click.option("--onnx-memory", default=None, metavar="SIZE",
+                  help="With --port onnx: the bytes of observed tensors held at once (512M, 4G, ...) [1G] (docs/onnx.md).")
     @_ATTENTION_PRECISION_OPTION
     @_input_options
     @_gate_options
-    def cmd(checkpoint, h5, mode, gate_dtype, port, num_heads, spill_dir, attention_precision, seed, prompt, batch,
-            size, json_path, junit, html, tol, tolerances, dtype, device):
+    def cmd(checkpoint, h5, mode, gate_dtype, port, num_heads, spill_dir, onnx_memory, attention_precision, seed, prompt,
+            batch, size, json_path, junit, html, tol, tolerances, dtype, device):
         from .parity.harness import run_parity
 
         _check_report_paths(json=json_path, junit=junit, html=html)
@@ -784,9 +801,12 @@ def _component_command(component):
                                     else (mode,), device=device, dtype=dtype, seed=seed, prompt=prompt, batch=batch,
                                     size=size, tolerance=_tolerance(gate_dtype or dtype, tol, tolerances),
                                     progress=progress, port=port, num_heads=num_heads, spill_dir=spill_dir,
-                                    attention_precision=attention_precision)
+                                    attention_precision=attention_precision,
+                                    onnx_memory=_byte_size("--onnx-memory", onnx_memory))
             _finish(result, json_path, junit, html)
             return
+        if onnx_memory is not None:
+            raise SdportError("--onnx-memory applies to --port onnx:FILE.onnx")
         quantized = _layout_gate(h5, component)
         gate = gate_dtype or quantized or dtype
         if quantized and not gate_dtype:

@@ -1,7 +1,7 @@
 """The native models as ONNX graphs: `sdport export FILE.h5 --onnx DIR` (docs/onnx.md).
 
 One graph per component, exported with torch's TorchScript exporter (`dynamo=False`): it traces the
-native forward as it runs, scopes every node by the module that made it (`/down.1/res.0/conv1/Conv`)
+native forward as it runs, names every node by the native module that made it (`down.1.res.0.conv1/Conv`)
 and names each weight initializer by its layout key. The graph's inputs are named as the native call
 names them; the batch (and, for the UNet and the VAE, the spatial size) is dynamic. Each graph is
 checked with `onnx.checker` and run once in ONNX Runtime against the native model before it is moved
@@ -12,6 +12,7 @@ never import them (`pip install sdport[onnx]`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -156,13 +157,14 @@ def _export_one(reader: LayoutReader, name: str, out_dir: str, tdtype, dtype: st
     data_name = f"{name}.onnx.data"
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=out_dir) as work:
         raw = os.path.join(work, "traced.onnx")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), full_scope_names(), causal_mask_in(tdtype):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             torch.onnx.export(model, tuple(inputs.values()), raw, dynamo=False, opset_version=opset,
                               input_names=list(inputs), output_names=list(OUTPUTS[name]),
                               dynamic_axes={**axes, **{o: _output_axes(name) for o in OUTPUTS[name]}},
                               do_constant_folding=True)
         proto = onnx.load(raw, load_external_data=True)
+        native_node_names(proto)
         proto.doc_string = f"sdport {name} from {os.path.basename(reader.path)} ({dtype})"
         external = proto.ByteSize() >= TWO_GB if _small_enough(proto) else True
         staged = os.path.join(work, f"{name}.onnx")
@@ -186,6 +188,85 @@ def _export_one(reader: LayoutReader, name: str, out_dir: str, tdtype, dtype: st
                                                           "dynamic": {str(a): n for a, n in axes[k].items()}}
                                                       for k, v in inputs.items()},
             "outputs": list(OUTPUTS[name]), "layout_checksums": layout_checksums(reader, name), "ort_check": agreement}
+
+
+@contextlib.contextmanager
+def full_scope_names():
+    """The TorchScript exporter scopes each node by the modules it was called in, each named by the
+    tail of its path (`res.0`: `down.1` is never called); here each scope carries the module's full
+    path from `named_modules()` instead (`/down.1.res.0/down.1.res.0.conv1/Conv`), for
+    native_node_names to shorten. A torch without the hook exports its own names."""
+    from torch.onnx._internal.torchscript_exporter import utils as ts
+
+    setup = getattr(ts, "_setup_trace_module_map", None)
+    if setup is None:
+        yield
+        return
+
+    def full(model, export_modules_as_functions):
+        out = setup(model, export_modules_as_functions)
+        if isinstance(model, torch.nn.Module) and torch.jit._trace._trace_module_map is not None:
+            torch.jit._trace._trace_module_map = {
+                m: torch._C._jit_onnx_create_full_scope_name(torch.typename(type(m)), n)
+                for n, m in model.named_modules()}
+        return out
+
+    ts._setup_trace_module_map = full
+    try:
+        yield
+    finally:
+        ts._setup_trace_module_map = setup
+
+
+@contextlib.contextmanager
+def causal_mask_in(dtype):
+    """For an fp16 export: `scaled_dot_product_attention(is_causal=True)` given its mask explicitly,
+    built in the query's dtype. The exporter's own causal mask is fp32, and adding it to fp16 scores
+    promotes the rest of the graph to fp32 (ONNX Runtime then refuses the graph's fp16 LayerNorms)."""
+    if dtype == torch.float32:
+        yield
+        return
+    F = torch.nn.functional
+    sdpa = F.scaled_dot_product_attention
+
+    def explicit(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        if is_causal and attn_mask is None:
+            keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+            attn_mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
+            is_causal = False
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    F.scaled_dot_product_attention = explicit
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
+def native_node_names(proto) -> None:
+    """Node NAME: `<module>/<Op>[_k]`, `<module>` the native module's full path (the innermost scope
+    the exporter recorded; empty at the model's root: `/Add_3`), `_k` the exporter's count of that
+    op in that module; their output tensors `<node>_output_<j>`. Unchanged where the names would clash."""
+    names = {}
+    for n in proto.graph.node:
+        parts = n.name.split("/")
+        names[n.name] = f"{parts[-2]}/{parts[-1]}" if n.name.startswith("/") and len(parts) >= 3 else n.name
+    if len(set(names.values())) != len(proto.graph.node):
+        return
+    keep = {i.name for i in proto.graph.input} | {o.name for o in proto.graph.output} | {t.name for t in proto.graph.initializer}
+    rename = {}
+    for n in proto.graph.node:
+        for j, o in enumerate(n.output):
+            if o and o.startswith("/") and o not in keep:
+                rename[o] = f"{names[n.name]}_output_{j}"
+    if len(set(rename.values())) != len(rename) or set(rename.values()) & keep:
+        rename = {}
+    for n in proto.graph.node:
+        n.name = names[n.name]
+        n.input[:] = [rename.get(t, t) for t in n.input]
+        n.output[:] = [rename.get(t, t) for t in n.output]
+    for v in proto.graph.value_info:
+        v.name = rename.get(v.name, v.name)
 
 
 def _small_enough(proto) -> bool:

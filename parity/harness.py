@@ -257,7 +257,7 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
                size: int | None = None, tolerance: Tolerance | None = None, patch_native=None,
                workdir: str | None = None, progress=None, port: str | None = None,
                num_heads: int | None = None, spill_dir: str | None = None,
-               attention_precision: str = "fp32") -> ParityResult:
+               attention_precision: str = "fp32", onnx_memory: int | None = None) -> ParityResult:
     """Reference vs native for one component, or vs a port (`port`: 'diffusers', 'torch:FILE.py:FUNC',
     'dump:FILE.h5', 'onnx:FILE.onnx[:LEVEL]'; parity/ports/). `patch_native(model)` may alter the native model before the run
     (tests plant faults that way); `progress(what, done, total)` as layers complete. `num_heads`
@@ -268,6 +268,8 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
     if attention_precision != "fp32" and (component != "unet" or port is not None):
         raise ParityError(f"--attention-precision {attention_precision} applies to the native UNet"
                           + (" (a port computes attention its own way)" if port is not None else f", not to {component}"))
+    if onnx_memory is not None and not (port or "").startswith("onnx:"):
+        raise ParityError("--onnx-memory applies to --port onnx:FILE.onnx")
     if port is not None:
         from . import ports
         spec = ports.parse_spec(port)
@@ -279,7 +281,7 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
                 work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-onnx-", dir=spill_dir))
                 return run_onnx(component, checkpoint, spec, modes=modes, device=device, dtype=dtype, seed=seed,
                                 prompt=prompt, batch=batch, size=size, tolerance=tolerance, num_heads=num_heads,
-                                workdir=work, progress=progress)
+                                workdir=work, progress=progress, observe_budget=onnx_memory)
         if spec.kind == "dump":
             from .ports.dump import run_dump
             return run_dump(component, checkpoint, spec, modes=modes, device=device, dtype=dtype,

@@ -8,7 +8,8 @@ One run (docs/onnx.md):
 2. the reference runs once with hooks on the paired modules, spilling outputs and recorded inputs, and
    is freed;
 3. the graph runs once in ONNX Runtime with every intermediate tensor exposed as a graph output
-   (accumulated mode), and once as it is, at the optimization level LEVEL (default `disabled`): that
+   (accumulated mode), in segments that hold at most a byte budget of observed tensors, each pair
+   compared as soon as its tensors are there (onnx_stream.py); and once as it is, at the optimization level LEVEL (default `disabled`): that
    run gives the whole model's row, and the optimized graph ORT writes says which paired tensors that
    level fuses away (the report lists them as not observable at that level);
 4. isolated mode: each region is cut out into a graph of its own and fed the reference module's
@@ -30,9 +31,10 @@ import torch
 from ...models.errors import cut
 from ..components import ParityError, entry
 from ..layers import first_tensor
-from ..metrics import METRICS, compare, default_tolerance
+from ..metrics import METRICS, check, compare, default_tolerance
 from ..report import ACCUMULATED, ISOLATED, MODES, LapClock, Report, collect_versions, make_layer
 from ..spill import Spill
+from . import onnx_stream
 from .onnx_graph import LAYOUT_OPS, Graph, Region
 from .pairing import (SIMILARITY, Index, _atom_tensor, _atoms_of_tensor, _module_sets, _representative, match_parameter,
                       split_tensors)
@@ -265,15 +267,6 @@ def _exposed(model, names: list[str], types: dict[str, int]):
     return m
 
 
-def observe(graph: Graph, feeds: dict, level: str, device: str) -> dict[str, np.ndarray]:
-    """Every data and shape tensor of one run of the graph whose type is known, by name."""
-    names = [t for i in range(len(graph.nodes)) for t in graph.nodes[i].output
-             if t and t not in graph.const]
-    sess = _session(_exposed(graph.model, names, _types(graph.model)), level, device)
-    outs = [o.name for o in sess.get_outputs()]
-    return dict(zip(outs, sess.run(outs, feeds)))
-
-
 def fused_away(graph: Graph, path: str, feeds: dict, level: str, device: str, work: str, wanted: list[str]):
     """(the graph's output at `level`, {tensor: why} for the wanted tensors the optimized graph no
     longer has). Exposing a tensor as an output keeps it; this run exposes none."""
@@ -404,21 +397,34 @@ def _metrics(y, r: torch.Tensor, tokens: bool) -> tuple[dict, str]:
 
 
 def _reference_inputs(spill: Spill, name: str) -> list[torch.Tensor]:
+    """The tensors of the reference module's recorded call: floats, and integers (token ids)."""
     out = []
     for prefix in ("in", "kw"):
         j = 0
         while f"{prefix}:{name}:{j}" in spill:
             t = spill.get(f"{prefix}:{name}:{j}")
-            if t.is_floating_point():
+            if t.dtype != torch.bool and not t.is_complex():
                 out.append(t)
             j += 1
     return out
 
 
+def _distance(v: np.ndarray, r: torch.Tensor, tokens: bool) -> float:
+    """How far a graph tensor is from a recorded input: rel_l2 for floats; for integers (ids) 0 when
+    equal, else no match (inf); a float never stands for an integer or the other way round."""
+    if v.size != r.numel() or (v.dtype.kind == "f") != r.is_floating_point() or v.dtype.kind not in "fiu":
+        return float("inf")
+    if v.dtype.kind != "f":
+        return 0.0 if np.array_equal(v.reshape(-1), r.reshape(-1).numpy()) else float("inf")
+    a = torch.from_numpy(_as_port(r, v, tokens).astype(np.float64))
+    return float((torch.from_numpy(v.astype(np.float64)) - a).norm() / max(float(a.norm()), 1e-30))
+
+
 def isolate(graph: Graph, atoms, p: OnnxPair, values: dict, spill: Spill):
     """The region cut out and fed the reference module's recorded inputs, each in place of the tensor
-    upstream of the region's inputs nearest to it in value (weightless nodes in between join the cut).
-    Returns (kept nodes, feeds, names fed with the reference's values) or None without inputs."""
+    upstream of the region's inputs nearest to it in value (weightless nodes in between join the cut;
+    token ids replace a tensor of equal ids). Returns (kept nodes, feeds, names fed with the
+    reference's values) or None without inputs."""
     ref_in = _reference_inputs(spill, p.reference[0])
     if not ref_in:
         return None
@@ -427,11 +433,9 @@ def isolate(graph: Graph, atoms, p: OnnxPair, values: dict, spill: Spill):
     for r in ref_in:
         best, best_d = None, float("inf")
         for u, chain in cands:
-            v = values[u]
-            if u in chosen or v.size != r.numel() or v.dtype.kind != "f":
+            if u in chosen:
                 continue
-            a = torch.from_numpy(_as_port(r, v, p.tokens).astype(np.float64))
-            d = float((torch.from_numpy(v.astype(np.float64)) - a).norm() / max(float(a.norm()), 1e-30))
+            d = _distance(values[u], r, p.tokens)
             if d < best_d:
                 best, best_d = (u, chain), d
         if best is not None:
@@ -446,12 +450,12 @@ def isolate(graph: Graph, atoms, p: OnnxPair, values: dict, spill: Spill):
     return sorted(kept), feeds, set(chosen)
 
 
-def run_region(graph: Graph, kept, feeds, outputs, values, level: str, device: str) -> dict[str, np.ndarray]:
-    """The nodes `kept` run on `feeds`; `outputs` (their dtypes as observed in `values`)."""
+def run_region(graph: Graph, kept, feeds, outputs, dtypes, level: str, device: str) -> dict[str, np.ndarray]:
+    """The nodes `kept` run on `feeds`; `outputs` (those observed, in their dtypes: `dtypes`)."""
     from onnx import helper
 
-    outputs = [o for o in outputs if o in values]
-    m = graph.subgraph(kept, feeds, {o: values[o].dtype for o in outputs}, helper.np_dtype_to_tensor_dtype)
+    outputs = [o for o in outputs if o in dtypes]
+    m = graph.subgraph(kept, feeds, {o: dtypes[o] for o in outputs}, helper.np_dtype_to_tensor_dtype)
     sess = _session(m, level, device)
     return dict(zip(outputs, sess.run(outputs, feeds)))
 
@@ -506,6 +510,24 @@ def node_culprit(graph: Graph, kept, feeds, got: dict, recorded, bound: float) -
     return None
 
 
+def _needs(graph: Graph, atoms, p: OnnxPair, isolated: bool) -> set[str]:
+    """The observed tensors a pair reads: its region's output and, for isolated mode, every tensor
+    `isolate` may feed or compare with (the region's inputs, the tensors upstream of them, their
+    chains' inputs)."""
+    need = {p.region.output}
+    if not isolated:
+        return need
+    made = {t for i in p.region.nodes for t in graph.nodes[i].output if t}
+    nodes = set(p.region.nodes)
+    for t in p.region.inputs:
+        for u, chain in graph.upstream(t, atoms):
+            need.add(u)
+            nodes.update(chain)
+    for i in nodes:
+        need.update(t for t in graph.nodes[i].input if t and t not in graph.const and t not in made)
+    return need
+
+
 def _region_name(graph: Graph, region: Region) -> str:
     i = graph.producer.get(region.output, region.nodes[-1])
     return graph.name(i) + (f" [{len(region.nodes)} nodes]" if len(region.nodes) > 1 else "")
@@ -529,13 +551,16 @@ def _load_graph(path: str):
     return model
 
 
-def _first_nonfinite(graph: Graph, values: dict) -> tuple[int, int] | None:
-    """(node, count) of the first node in graph order whose float output holds an inf or a NaN."""
-    for i in range(len(graph.nodes)):
+def _first_nonfinite_in(graph: Graph, values: dict, nodes) -> tuple[int, int] | None:
+    """(node, count) of the first of `nodes` (graph order) whose float output holds an inf or a NaN.
+    A node that reads a shape value (a mask built from the input's shape: the causal mask's -inf
+    above the diagonal) is counted for NaN and +inf only: its -inf is the mask's."""
+    for i in nodes:
+        masked = any(t in graph.shape for t in graph.nodes[i].input)
         for t in graph.data_outputs(i):
             v = values.get(t)
             if v is not None and v.dtype.kind == "f":
-                bad = int((~np.isfinite(v)).sum())
+                bad = int(np.isnan(v).sum() + np.isposinf(v).sum()) + (0 if masked else int(np.isneginf(v).sum()))
                 if bad:
                     return i, bad
     return None
@@ -543,7 +568,8 @@ def _first_nonfinite(graph: Graph, values: dict) -> tuple[int, int] | None:
 
 def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str = "cpu", dtype: str = "fp32",
              seed: int = 0, prompt: str | None = None, batch: int = 2, size: int | None = None, tolerance=None,
-             num_heads: int | None = None, workdir: str | None = None, progress=None):
+             num_heads: int | None = None, workdir: str | None = None, progress=None,
+             observe_budget: int | None = None):
     from .. import harness
     from ..reference.load import load_reference
 
@@ -582,60 +608,98 @@ def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str 
         out, gone = fused_away(graph, path, feeds, level, device, work,
                                [pairs[k].region.output for k in order])
         del deploy
-        values = {**feeds, **observe(graph, feeds, level, device)}
-        bad = _first_nonfinite(graph, values)
-        if bad is not None:
-            desc["first_nonfinite"] = (f"{graph.name(bad[0])} ({graph.nodes[bad[0]].op_type}) is the first node, in "
-                                       f"graph order, whose output holds inf/NaN ({bad[1]} values)")
-        rows, clock = [], LapClock()
-        for n, k in enumerate(order):
+        in_order = {k: n for n, k in enumerate(order)}
+        results: dict[int, tuple] = {}   # k -> (acc, iso, note parts) or None when skipped
+        first_bad: list = []             # (node, count) of the first inf/NaN, in graph order
+        culprit_cut: dict = {}           # the cut of the earliest (in `order`) pair failing in isolation
+        contract = next((p for p in pairs if p.reference == (pc.contract_module,)), None)
+        contract_m: list = []
+        clock, done = LapClock(), [0]
+
+        def on_segment(a, b, names, arrays):
+            if not first_bad:
+                hit = _first_nonfinite_in(graph, dict(zip(names, arrays)), range(a, b))
+                if hit is not None:
+                    first_bad.append(hit)
+
+        def on_ready(k, values):
             p = pairs[k]
+            if contract is p and p.region.output in values:
+                contract_m.append(_metrics(values[p.region.output], whole, p.tokens))
+            if k not in in_order:
+                return
             r = spill.get(f"out:{k}")
             y = values.get(p.region.output)
             if y is None:
-                unpaired[f"port {_region_name(graph, p.region)}"] = f"paired with {p.reference_name}, but its output is not observable"
-                continue
+                results[k] = ("unobservable",)
+                return
             if np.size(y) != r.numel():
-                # Same weights, different outputs: the graph computes more or less in the region (a norm
-                # applied to the pooled token only). The model's row still compares the end.
-                unpaired[f"port {_region_name(graph, p.region)}"] = (
-                    f"paired with {p.reference_name}; outputs of different sizes (port {list(np.shape(y))}, "
-                    f"reference {list(r.shape)}): not compared")
-                continue
+                results[k] = ("size", list(np.shape(y)), list(r.shape))
+                return
             acc, why = _metrics(y, r, p.tokens) if ACCUMULATED in modes else (None, "")
             iso = None
             if ISOLATED in modes and not why:
                 try:
                     cut_ = isolate(graph, atoms, p, values, spill)
                     if cut_ is not None:
-                        got = run_region(graph, cut_[0], cut_[1], [p.region.output], values, level, device)
+                        got = run_region(graph, cut_[0], cut_[1], [p.region.output], dtypes, level, device)
                         iso, why = _metrics(got[p.region.output], r, p.tokens)
+                        if check(iso, tol)[1] and in_order[k] < culprit_cut.get("n", len(order)):
+                            culprit_cut.update(n=in_order[k], k=k, cut=cut_)
                 except (KeyError, ParityError) as e:  # a tensor of unknown type, or ORT refuses the cut
                     why = f"isolated run failed: {cut(e, 160)}"
+            results[k] = ("row", acc, iso, tuple(r.shape), why)
+            clock.lap(str(k))
+            done[0] += 1
+            progress("ONNX regions" + (" (and isolated runs)" if ISOLATED in modes else ""), done[0], len(order))
 
+        types = _types(graph.model)
+        dtypes: dict = {}
+        needs = {k: _needs(graph, atoms, pairs[k], ISOLATED in modes) for k in range(len(pairs))
+                 if k in in_order or pairs[k] is contract}
+        figures = onnx_stream.observe(graph, feeds, types, lambda m: _session(m, level, device),
+                                      budget=observe_budget or onnx_stream.DEFAULT_BUDGET, needs=needs,
+                                      on_ready=on_ready, on_segment=on_segment, dtypes=dtypes)
+        desc["onnx_observation"] = {k: v for k, v in figures.items()}
+        bad = first_bad[0] if first_bad else None
+        if bad is not None:
+            desc["first_nonfinite"] = (f"{graph.name(bad[0])} ({graph.nodes[bad[0]].op_type}) is the first node, in "
+                                       f"graph order, whose output holds inf/NaN ({bad[1]} values)")
+        rows = []
+        for k in order:
+            p = pairs[k]
+            res = results[k]
+            if res[0] == "unobservable":
+                unpaired[f"port {_region_name(graph, p.region)}"] = f"paired with {p.reference_name}, but its output is not observable"
+                continue
+            if res[0] == "size":
+                # Same weights, different outputs: the graph computes more or less in the region (a norm
+                # applied to the pooled token only). The model's row still compares the end.
+                unpaired[f"port {_region_name(graph, p.region)}"] = (
+                    f"paired with {p.reference_name}; outputs of different sizes (port {res[1]}, "
+                    f"reference {res[2]}): not compared")
+                continue
+            _, acc, iso, shape, why = res
             notes = list(p.notes) + ([why] if why else [])
             if p.region.output in gone:
                 notes.append(gone[p.region.output])
                 unpaired[f"port {_region_name(graph, p.region)} at '{level}'"] = gone[p.region.output]
             if bad is not None and bad[0] in p.region.nodes:
                 notes.append(f"contains the first node producing inf/NaN: {graph.name(bad[0])}")
-            rows.append((k, acc, iso, tuple(r.shape), "; ".join(notes)))
-            clock.lap(str(k))
-            progress("ONNX regions" + (" (and isolated runs)" if ISOLATED in modes else ""), n + 1, len(order))
+            rows.append((k, acc, iso, shape, "; ".join(notes)))
         desc["onnx_not_observable_at_level"] = sum(k.endswith(f" at '{level}'") for k in unpaired)
         layers = [make_layer(j, _region_name(graph, pairs[k].region), pairs[k].reference_name, pairs[k].kind, shape,
                              tol, accumulated=acc, isolated=iso, seconds=clock.seconds.get(str(k)), note=note)
                   for j, (k, acc, iso, shape, note) in enumerate(rows)]
         m, why = _metrics(out, whole, False)
-        contract = next((p for p in pairs if p.reference == (pc.contract_module,)), None)
-        if contract is not None and contract.region.output in values:
+        if contract is not None and contract_m:
             # The contract is a module's output (the encoder's moments before the clamp), not the graph's.
-            m, why = _metrics(values[contract.region.output], whole, contract.tokens)
+            m, why = contract_m[0]
             why = why or f"the output of {_region_name(graph, contract.region)}, paired with {pc.contract_module}"
         layers.append(make_layer(len(layers), MODEL, MODEL, "model", tuple(whole.shape), tol,
                                  accumulated=m if ACCUMULATED in modes else None,
                                  isolated=m if ISOLATED in modes else None, note=why))
-        layers = _name_the_node(layers, rows, pairs, graph, atoms, values, spill, calls, component, checkpoint,
+        layers = _name_the_node(layers, rows, pairs, graph, culprit_cut, dtypes, spill, calls, component, checkpoint,
                                 num_heads, level, device, tol)
         desc["spilled_bytes"] = spill.bytes
     report = Report(component, modes, dtype, f"{harness.device_name(dev)}; ONNX Runtime {desc['onnx_provider']}",
@@ -644,7 +708,7 @@ def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str 
     return harness.ParityResult(report, unpaired, {})
 
 
-def _name_the_node(layers, rows, pairs, graph, atoms, values, spill, calls, component, checkpoint, num_heads,
+def _name_the_node(layers, rows, pairs, graph, culprit_cut, dtypes, spill, calls, component, checkpoint, num_heads,
                    level, device, tol):
     """For the culprit found in isolation: the node rule inside its region, as the layer's note."""
     import dataclasses
@@ -659,12 +723,11 @@ def _name_the_node(layers, rows, pairs, graph, atoms, values, spill, calls, comp
     p = pairs[k]
     if len(p.reference) != 1 or p.reference[0] not in calls:
         return layers
-    cut_ = isolate(graph, atoms, p, values, spill)
-    if cut_ is None:
+    if culprit_cut.get("k") != k:
         return layers
-    kept, feeds, _ = cut_
+    kept, feeds, _ = culprit_cut["cut"]
     outs = [t for i in kept for t in graph.data_outputs(i)]
-    got = run_region(graph, kept, feeds, outs, values, level, device)
+    got = run_region(graph, kept, feeds, outs, dtypes, level, device)
     ref, _, _ = load_reference(component, checkpoint, num_heads=num_heads)
     module = dict(ref.named_modules())[p.reference[0]]
     args, kwargs = calls[p.reference[0]]

@@ -220,9 +220,11 @@ class Graph:
         return None
 
     # --- subgraphs -----------------------------------------------------------------------------
-    def subgraph(self, nodes: list[int], feeds: dict[str, np.ndarray], outputs: dict[str, np.dtype], onnx_dtype):
+    def subgraph(self, nodes: list[int], feeds: dict[str, np.ndarray], outputs: dict[str, np.dtype], onnx_dtype,
+                 extra_nodes=()):
         """A model of `nodes` (with the constant nodes they need), reading `feeds` (name -> an array of
-        the dtype and shape it will be fed) as graph inputs, producing `outputs` (name -> dtype)."""
+        the dtype and shape it will be fed) as graph inputs, producing `outputs` (name -> dtype);
+        `extra_nodes` (NodeProtos reading what those nodes make) run after them."""
         from onnx import helper
 
         keep = set(nodes)
@@ -245,6 +247,6 @@ class Graph:
         inputs = [helper.make_tensor_value_info(k, onnx_dtype(v.dtype), list(v.shape)) for k, v in feeds.items()]
         outs = [helper.make_tensor_value_info(o, onnx_dtype(d), None) for o, d in outputs.items()]
         inits = [self.initializers[t] for t in sorted(needed) if t in self.initializers and t not in feeds]
-        graph = helper.make_graph([self.nodes[i] for i in sorted(keep)], "region", inputs, outs, inits)
+        graph = helper.make_graph([self.nodes[i] for i in sorted(keep)] + list(extra_nodes), "region", inputs, outs, inits)
         m = helper.make_model(graph, opset_imports=self.model.opset_import, ir_version=self.model.ir_version)
         return m
