@@ -11,7 +11,7 @@ LDM ?= stable-diffusion-sdkit==2.1.5
 # open_clip's files serve as references (OpenAI ViT layout, CLIP tokenizer); --no-deps keeps torchvision out.
 OPEN_CLIP ?= open-clip-torch==3.3.0
 
-.PHONY: setup setup-reference demo test clean
+.PHONY: test-slow setup setup-reference demo test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
 clean:
 	rm -rf $(VENV) out

@@ -2,7 +2,8 @@
 
 Nothing here is timed: the figures live in bench/README.md. This keeps the scripts that produce them
 working, their records in the documented shape (`results`: impl, median_s, runs_s, peak_rss_mib), and
-their temporary files cleaned up.
+their temporary files cleaned up. Each script runs its implementations side by side (ldm, diffusers,
+sdport), so most of these are marked slow (`pytest -m slow`); the default run keeps one.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def _check_results(record: dict, impls: set[str], runs: int) -> dict[str, dict]:
     return by_impl
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,kind", [("bench_unet.py", "unet"), ("bench_vae.py", "decoder")])
 def test_component_benchmarks(tmpdir_env, script, kind):
     rec = _run(tmpdir_env, script, "--size", "tiny", "--runs", "2")
@@ -68,6 +70,7 @@ def test_component_benchmarks(tmpdir_env, script, kind):
     assert set(rec["ratios"]) >= {"sdport/ldm", "sdport/diffusers"}
 
 
+@pytest.mark.slow
 def test_load_benchmark(tmpdir_env):
     readers = "sdport,sdport-map-each,sdport-eager,sdport-unpacked,layout-mmap,safetensors,h5py-read"
     rec = _run(tmpdir_env, "bench_load.py", "--size", "tiny", "--runs", "1", "--readers", readers)
@@ -75,6 +78,7 @@ def test_load_benchmark(tmpdir_env):
     assert rec["same_weights"] is True
 
 
+@pytest.mark.slow
 def test_memory_benchmark(tmpdir_env):
     rec = _run(tmpdir_env, "bench_memory.py", "--size", "tiny", "--chunks", "none,64")
     assert [r["chunk"] for r in rec["results"]] == [None, 64]
@@ -88,6 +92,7 @@ def test_convert_benchmark(tmpdir_env):
     assert rec["verify_problems"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args", [
     ("bench_walk.py", ()),
     ("bench_io.py", ("--mib", "1", "--runs", "1")),
@@ -98,6 +103,7 @@ def test_checkpoint_benchmarks(tmpdir_env, script, args):
     assert {"benchmark", "settings", "machine", "versions"} <= set(rec)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,args", [
     ("bench_attention.py", ("--tokens", "64", "--dim", "8", "--runs", "1")),
     ("bench_dtypes.py", ("--channels", "16", "--side", "8", "--gemm", "64", "--runs", "1")),
