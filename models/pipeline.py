@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
+from . import memory
 from .errors import LayoutError, SdportError
 from .storage.layout import SCHEDULE, LayoutReader, file_sha256
 from .devices import resolve
@@ -142,8 +143,7 @@ class Models:
                 # to("meta") drops every parameter's storage even while other references to the
                 # module exist (a generator frame, a traceback)
                 model.to("meta")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                memory.release()
 
     def loaded(self) -> list[str]:
         """Components currently held in memory."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import tempfile
@@ -26,7 +25,7 @@ import torch
 
 from ..models.components import NAMES
 from ..models.errors import cut
-from ..models import devices
+from ..models import devices, memory
 from ..models.load import load_model, read_config
 from ..models.unet import ATTENTION_PRECISIONS
 from ..models.storage import partial as partials
@@ -304,7 +303,7 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
         ncfg, fmt = native_config(h5, component)
         cpu_inputs, desc = draw_inputs(component, ncfg, seed=seed, batch=batch, size=size, prompt=prompt,
                                        encode_text=text_encoder_fn(h5, dev) if text else None)
-        gc.collect()  # the text encoder that made the context
+        memory.release()  # the text encoder that made the context
         inputs = to_device(cpu_inputs, dev)
         desc.update(checkpoint=os.path.basename(checkpoint), h5=os.path.basename(h5), source_format=fmt,
                     reference_dtype="fp32", native_dtype=dtype)
@@ -317,7 +316,7 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
         recorded = stack.enter_context(reference_stage(component, ref.to(dev), ncfg, fmt, inputs, work, modes,
                                                        progress))
         del ref
-        gc.collect()
+        memory.release()
         native, _, _ = load_native(h5, component, dev, ndtype)
         if hasattr(native, "set_attention_precision"):
             native.set_attention_precision(attention_precision)

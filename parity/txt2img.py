@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import io
 import os
 import tempfile
@@ -31,7 +30,7 @@ import tempfile
 import numpy as np
 import torch
 
-from ..models import pipeline as P
+from ..models import memory, pipeline as P
 from ..models.errors import SdportError
 from ..convert.detect import SCHEDULE_KEYS
 from ..models.storage.layout import MAX_SCHEDULE
@@ -179,7 +178,7 @@ class ReferencePipeline:
         self.parts.pop(component, None)
         if component == "unet":
             self.model.unet = None
-        gc.collect()
+        memory.release()
 
     @property
     def unet(self):
@@ -591,7 +590,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
             ref.release("unet")
         ref_image = ref.decode(run.latents[-1])
         del ref
-        gc.collect()
+        memory.release()
 
         nat_c, nat_uc = P.conditioning(models, req)
         conditioning = {"cond": compare(nat_c, ref_c)}

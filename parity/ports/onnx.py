@@ -21,13 +21,13 @@ One run (docs/onnx.md):
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import tempfile
 
 import numpy as np
 import torch
 
+from ...models import memory
 from ...models.errors import cut
 from ..components import ParityError, entry
 from ..layers import first_tensor
@@ -600,7 +600,7 @@ def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str 
         order, whole, calls = reference_pass(component, ref, pairs, cpu_inputs, fmt, spill, ISOLATED in modes)
         progress("reference pass", 1, 1)
         del ref
-        gc.collect()
+        memory.release()
 
         deploy = _session(path, level, device)
         feeds = _feeds(deploy, graph, component, cpu_inputs)

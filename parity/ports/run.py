@@ -18,12 +18,12 @@ no such tensor keeps the port's own value.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import tempfile
 
 import torch
 
+from ...models import memory
 from ...models.components import component as native_entry
 from ..components import TEXT_ENCODER, ParityError, entry
 from ..layers import first_tensor
@@ -112,7 +112,7 @@ def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, de
         order, calls = reference_pass(component, ref.to(dev), names, harness.to_device(cpu_inputs, dev), fmt, spill,
                                       record_inputs=ISOLATED in modes, progress=progress)
         del ref
-        gc.collect()
+        memory.release()
         port = load_port(spec, checkpoint, component, num_heads=num_heads, dtype=pdtype, device=dev)
         with CheckpointTensors(checkpoint, key_of) as tensors:
             pairing = pair_modules(port, structure, tensors)
