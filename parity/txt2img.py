@@ -583,6 +583,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
                             on_step=lambda done: progress("reference sampler", done, n, "step"))
         recorded = {}
         for s in chosen:
+            memory.release()  # what the sampler or the last pass left in the allocator's heaps
             recorded[s] = stack.enter_context(reference_stage(
                 "unet", ref.unet, ucfg, fmt, to_device(run.unet_inputs[s], dev), work,
                 progress=lambda what, done, total, unit="layer", s=s: progress(f"step {s} {what}", done, total, unit)))
