@@ -54,14 +54,20 @@ def test_fp32_run_passes_with_a_report_per_step(variants, converted, tmp_path, s
         assert "white =" in im.text["sdport:diff_scale"] and im.text["prompt"] == PROMPT
 
 
-def test_planted_unet_fault_fails_and_is_named(variants, converted, tmp_path):
-    # conv2 of a ResBlock: its output joins the skip path. (conv1 scaled by 1.01 is caught layer by layer,
-    # but the GroupNorm after it all but undoes a uniform scale: the latents stay within 1e-5.)
+def _planted(h5_path, tmp_path) -> str:
+    """A copy of the layout with one ResBlock's conv2 weight scaled by 1.01."""
     h5 = str(tmp_path / "planted.h5")
-    shutil.copy(converted["lightning"], h5)
+    shutil.copy(h5_path, h5)
     with h5py.File(h5, "r+") as f:
         d = f["unet"]["down.0.res.0.conv2.weight"]
         d[...] = d[...] * 1.01
+    return h5
+
+
+def test_planted_unet_fault_fails_and_is_named(variants, converted, tmp_path):
+    # conv2 of a ResBlock: its output joins the skip path. (conv1 scaled by 1.01 is caught layer by layer,
+    # but the GroupNorm after it all but undoes a uniform scale: the latents stay within 1e-5.)
+    h5 = _planted(converted["lightning"], tmp_path)
     js = tmp_path / "r.json"
     rc, out, err = _cli(variants["lightning"], h5, "--height", 16, "--width", 16, "--layer-steps", "2", "--json", js)
     assert rc == 1, out + err
@@ -218,11 +224,7 @@ def test_ddim_on_a_v_model_teacher_forced_steps_convert_v(variants, v_h5, tmp_pa
 
 
 def test_dpmpp2m_planted_unet_fault_fails(variants, converted, tmp_path):
-    h5 = str(tmp_path / "planted.h5")
-    shutil.copy(converted["lightning"], h5)
-    with h5py.File(h5, "r+") as f:
-        d = f["unet"]["down.0.res.0.conv2.weight"]
-        d[...] = d[...] * 1.01
+    h5 = _planted(converted["lightning"], tmp_path)
     rc, out, err, r = _dpm_run(variants["lightning"], h5, tmp_path)
     assert rc == 1, out + err
     assert not r["passed"] and r["steps"][0]["failures"] and not r["layers_at_steps"][0]["passed"]

@@ -107,9 +107,9 @@ def test_attention_chunking():
         native.set_attention_chunk(0)
 
 
-def test_block_outputs_match():
+def test_block_outputs_match(cfg=TINY):
     """Every table block's output on the native side matches the paired reference submodule's output."""
-    ref, native = pair(TINY)
+    ref, native = pair(cfg)
     got: dict[str, dict[str, torch.Tensor]] = {"n": {}, "r": {}}
     handles = []
 
@@ -118,12 +118,12 @@ def test_block_outputs_match():
             got[side][name] = out.detach().clone()
         return f
 
-    blocks = cu.blocks(TINY)
+    blocks = cu.blocks(cfg)
     for b in blocks:
         handles.append(native.get_submodule(b.native).register_forward_hook(hook("n", b.native)))
         handles.append(ref.get_submodule(b.source).register_forward_hook(hook("r", b.native)))
     try:
-        x, c = inputs(TINY)
+        x, c = inputs(cfg)
         check_parity(ref, native, x, torch.tensor([30, 600]), c)
     finally:
         for h in handles:
@@ -282,25 +282,9 @@ def test_v2_heads_per_level_match_ldm():
 
 
 def test_v2_block_outputs_match():
-    ref, native = pair(TINY_V2)
-    got: dict[str, dict[str, torch.Tensor]] = {"n": {}, "r": {}}
-    handles = []
-    for b in cu.blocks(TINY_V2):
-        for side, m in (("n", native.get_submodule(b.native)), ("r", ref.get_submodule(b.source))):
-            handles.append(m.register_forward_hook(
-                lambda mod, args, out, side=side, name=b.native: got[side].__setitem__(name, out.detach().clone())))
-    try:
-        x, c = inputs(TINY_V2)
-        check_parity(ref, native, x, torch.tensor([30, 600]), c)
-    finally:
-        for h in handles:
-            h.remove()
     kinds = {b.kind for b in cu.blocks(TINY_V2)}
     assert "transformer_linear" in kinds and "transformer" not in kinds
-    for b in cu.blocks(TINY_V2):
-        a, r = got["n"][b.native], got["r"][b.native]
-        assert a.shape == r.shape and r.norm() > 0, b
-        assert rel_l2(a, r) <= TOL, (b, rel_l2(a, r))
+    test_block_outputs_match(TINY_V2)
 
 
 @pytest.mark.parametrize("cfg", [TINY_V2, TINY_V2_9], ids=["v2", "v2_inpaint"])

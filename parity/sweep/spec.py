@@ -342,8 +342,9 @@ def _cells(run: dict, name: str, checkpoints: dict, device: str, base: str, fail
         fail(f"checkpoint {missing[0]!r} is not in [checkpoints] ({', '.join(checkpoints)})")
 
     axes = tuple(grid)
-    if math.prod(len(v) for v in grid.values()) * len(chosen) > MAX_CELLS:
-        fail(f"the grid makes {math.prod(len(v) for v in grid.values()) * len(chosen):,} cells; at most "
+    n_cells = math.prod(len(v) for v in grid.values()) * len(chosen)
+    if n_cells > MAX_CELLS:
+        fail(f"the grid makes {n_cells:,} cells; at most "
              f"{MAX_CELLS:,} in a spec (split it)")
     out = []
     for ckpt in chosen:
