@@ -51,6 +51,8 @@ class _Group(click.Group):
             except BrokenPipeError:
                 _stdout_closed(ctx)
             except (SdportError, OSError) as e:
+                if _SIGINT["seen"]:  # a library's failure under a pending interrupt: the interrupt's doing
+                    raise KeyboardInterrupt from None
                 if ctx.obj and ctx.obj.get("debug"):
                     raise
                 msg = str(e) if isinstance(e, SdportError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
