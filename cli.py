@@ -789,11 +789,14 @@ def _component_command(component):
                   help="Where the reference's activations wait for the candidate (default: the system's temp dir).")
     @click.option("--onnx-memory", default=None, metavar="SIZE",
                   help="With --port onnx: the bytes of observed tensors held at once (512M, 4G, ...) [1G] (docs/onnx.md).")
+    @click.option("--calibrate", is_flag=True,
+                  help="Gate each layer at no less than twice the reference's own fp32 noise floor, measured "
+                       "against the reference in float64 on the same inputs (a second reference run; docs/parity.md).")
     @_ATTENTION_PRECISION_OPTION
     @_input_options
     @_gate_options
-    def cmd(checkpoint, h5, mode, gate_dtype, port, num_heads, spill_dir, onnx_memory, attention_precision, seed, prompt,
-            batch, size, json_path, junit, html, tol, tolerances, dtype, device):
+    def cmd(checkpoint, h5, mode, gate_dtype, port, num_heads, spill_dir, onnx_memory, calibrate, attention_precision,
+            seed, prompt, batch, size, json_path, junit, html, tol, tolerances, dtype, device):
         from .parity.harness import run_parity
 
         _check_report_paths(json=json_path, junit=junit, html=html)
@@ -803,7 +806,7 @@ def _component_command(component):
                                     else (mode,), device=device, dtype=dtype, seed=seed, prompt=prompt, batch=batch,
                                     size=size, tolerance=_tolerance(gate_dtype or dtype, tol, tolerances),
                                     progress=progress, port=port, num_heads=num_heads, spill_dir=spill_dir,
-                                    attention_precision=attention_precision,
+                                    attention_precision=attention_precision, calibrate=calibrate,
                                     onnx_memory=_byte_size("--onnx-memory", onnx_memory))
             _finish(result, json_path, junit, html)
             return
@@ -818,7 +821,7 @@ def _component_command(component):
             result = run_parity(component, checkpoint, h5=h5, modes=modes, device=device, dtype=dtype, seed=seed,
                                 prompt=prompt, batch=batch, size=size, tolerance=_tolerance(gate, tol, tolerances),
                                 progress=progress, num_heads=num_heads, spill_dir=spill_dir,
-                                attention_precision=attention_precision)
+                                attention_precision=attention_precision, calibrate=calibrate)
         _finish(result, json_path, junit, html)
 
     cmd.__doc__ = (f"Reference vs native {component}, layer by layer, from seeded inputs; exit 1 when a "

@@ -256,12 +256,25 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
                size: int | None = None, tolerance: Tolerance | None = None, patch_native=None,
                workdir: str | None = None, progress=None, port: str | None = None,
                num_heads: int | None = None, spill_dir: str | None = None,
-               attention_precision: str = "fp32", onnx_memory: int | None = None) -> ParityResult:
+               attention_precision: str = "fp32", onnx_memory: int | None = None,
+               calibrate: bool = False) -> ParityResult:
     """Reference vs native for one component, or vs a port (`port`: 'diffusers', 'torch:FILE.py:FUNC',
     'dump:FILE.h5', 'onnx:FILE.onnx[:LEVEL]'; parity/ports/). `patch_native(model)` may alter the native model before the run
     (tests plant faults that way); `progress(what, done, total)` as layers complete. `num_heads`
     (in no shape of a checkpoint) applies to the reference and to a port built by sdport.
-    `attention_precision` of the native UNet in fp16/bf16 (models.unet.attend); the reference runs fp32."""
+    `attention_precision` of the native UNet in fp16/bf16 (models.unet.attend); the reference runs fp32.
+    `calibrate`: gate each layer at no less than twice the reference's own fp32 noise floor (calibrate.py)."""
+    if calibrate:
+        from . import calibrate as cal
+        from .ports import parse_spec
+        cal.refuse(parse_spec(port).kind if port is not None else None)
+        result = run_parity(component, checkpoint, h5=h5, modes=modes, device=device, dtype=dtype, seed=seed,
+                            prompt=prompt, batch=batch, size=size, tolerance=tolerance, patch_native=patch_native,
+                            workdir=workdir, progress=progress, port=port, num_heads=num_heads,
+                            spill_dir=spill_dir, attention_precision=attention_precision, onnx_memory=onnx_memory)
+        floors = cal.noise_floor(component, checkpoint, modes=modes, device=device, seed=seed, prompt=prompt,
+                                 batch=batch, size=size, num_heads=num_heads, spill_dir=spill_dir, progress=progress)
+        return cal.calibrate(result, floors)
     if attention_precision not in ATTENTION_PRECISIONS:
         raise ParityError(f"--attention-precision {attention_precision}: choose {' or '.join(ATTENTION_PRECISIONS)}")
     if attention_precision != "fp32" and (component != "unet" or port is not None):

@@ -44,6 +44,15 @@ def json_text(v) -> str:
     return v if isinstance(v, str) else json.dumps(encode_nonfinite(v), allow_nan=False)
 
 
+def calibration_line(c: dict) -> str:
+    """What `--calibrate` did to the gates (parity/calibrate.py), in one line."""
+    wide = c.get("widened") or {}
+    top = max((b for v in wide.values() for b in v.values()), default=None)
+    return (f"gates calibrated: {c.get('layers_with_a_floor', 0)} layers have the reference's own fp32 noise floor "
+            f"(against fp64); {len(wide)} gated at {fmt(c.get('factor'))} x floor"
+            + (f" (up to rel_l2 <= {fmt(top)})" if top is not None else "") + ", the rest at the fixed bound")
+
+
 def summary_text(report: Report, worst: int = 10) -> str:
     """Terminal summary: verdict and counts, the culprit, the worst layers by rel_l2."""
     c = report.counts()
@@ -55,6 +64,8 @@ def summary_text(report: Report, worst: int = 10) -> str:
            f"{c['pass']} pass (rel_l2 <= {fmt(tol.rel_l2)})"]
     if isinstance(pairing, str):
         out.append(f"pairing from the weights: {pairing}")
+    if isinstance(report.inputs.get("calibration"), dict):
+        out.append(calibration_line(report.inputs["calibration"]))
     if isinstance(report.inputs.get("first_nonfinite"), str):
         out.append(f"first inf/NaN: {report.inputs['first_nonfinite']}")
     cul = report.culprit

@@ -82,8 +82,9 @@ def reference_text_context(checkpoint: str, ids: torch.Tensor, device) -> torch.
 def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, device: str = "cpu",
              dtype: str = "fp32", seed: int = 0, prompt: str | None = None, batch: int = 2,
              size: int | None = None, tolerance=None, num_heads: int | None = None,
-             workdir: str | None = None, spill_dir: str | None = None, progress=None):
-    """The port against the reference. One model is resident at a time: the reference runs first and
+             workdir: str | None = None, spill_dir: str | None = None, progress=None, build_port=None):
+    """The port against the reference (`build_port(checkpoint, component)`, when given, builds the port
+    in place of the spec's loader). One model is resident at a time: the reference runs first and
     spills every layer with weights (output, and recorded inputs for isolated mode) to disk, and is
     freed; then the port is loaded, paired with the reference from the checkpoint's tensors (read one
     at a time) and a weightless copy of the reference's structure, and run against the spill."""
@@ -113,7 +114,10 @@ def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, de
                                       record_inputs=ISOLATED in modes, progress=progress)
         del ref
         memory.release()
-        port = load_port(spec, checkpoint, component, num_heads=num_heads, dtype=pdtype, device=dev)
+        if build_port is None:
+            port = load_port(spec, checkpoint, component, num_heads=num_heads, dtype=pdtype, device=dev)
+        else:
+            port = build_port(checkpoint, component).to(dev)
         with CheckpointTensors(checkpoint, key_of) as tensors:
             pairing = pair_modules(port, structure, tensors)
         desc.update(checkpoint=os.path.basename(checkpoint), port=spec.label, source_format=fmt,
