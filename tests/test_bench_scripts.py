@@ -111,3 +111,16 @@ def test_checkpoint_benchmarks(tmpdir_env, script, args):
 def test_kernel_benchmarks(tmpdir_env, script, args):
     rec = _run(tmpdir_env, script, *args)
     assert {"benchmark", "settings", "machine", "versions", "results"} <= set(rec) and rec["results"]
+
+
+@pytest.mark.slow
+def test_float64_agreement(tmpdir_env):
+    out = tmpdir_env / "agreement.json"
+    env = {**os.environ, "TMPDIR": str(tmpdir_env)}
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "float64_agreement.py"), "decoder", _tiny_ckpt(tmpdir_env),
+                        "--size", "8", "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    out.unlink()
+    assert 0 < rec["reference fp32 vs reference fp64"] < 1e-5
+    assert rec["diffusers fp64 vs reference fp64"] < 1e-12  # the same function, to float64 rounding

@@ -244,8 +244,10 @@ def component_outcome(result, tol) -> dict:
     summary["layers.fail"] = rep.counts()["fail"]
     culprit = rep.culprit
     failures = [] if culprit is None else [f"culprit {culprit.line()}"]
-    failures += [f"{l.native}: {'; '.join(f for fs in l.failures.values() for f in fs)}"
-                 for l in rep.layers if l.status == "fail"][:5]
+    # the other failing layers (the culprit's line says its own), each mode labelled
+    failures += [f"{l.native} [{mode}]: {'; '.join(fs)}" for l in rep.layers
+                 if l.status == "fail" and (culprit is None or l.index != culprit.index)
+                 for mode, fs in l.failures.items() if fs][:5]
     with tempfile.TemporaryDirectory() as d:
         html = os.path.join(d, "r.html")
         rep.to_html(html, unpaired=result.unpaired)
