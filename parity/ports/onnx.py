@@ -1,12 +1,13 @@
 """An ONNX graph against the reference, node by node, in ONNX Runtime: `--port onnx:FILE.onnx[:LEVEL]`.
 
-One run (docs/onnx.md):
+One run (docs/onnx.md), holding one model's weights at a time:
 1. pairing from the weights: every float initializer of the graph *as stored* is matched to checkpoint
    tensors (pairing.match_parameter, plus a transpose of 2-D weights: the exporter stores a Linear's
    weight as MatMul's [in, out]); a reference module pairs with the region of nodes that consumes its
-   weights (onnx_graph.py);
+   weights (onnx_graph.py). Both sides are read one tensor at a time: the graph's initializers from
+   its external data files (open_graph), the checkpoint's against the reference's weightless structure;
 2. the reference runs once with hooks on the paired modules, spilling outputs and recorded inputs, and
-   is freed;
+   is freed before any ONNX Runtime session exists;
 3. the graph runs once in ONNX Runtime with every intermediate tensor exposed as a graph output
    (accumulated mode), in segments that hold at most a byte budget of observed tensors, each pair
    compared as soon as its tensors are there (onnx_stream.py); and once as it is, at the optimization level LEVEL (default `disabled`): that
