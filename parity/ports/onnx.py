@@ -627,7 +627,10 @@ def open_graph(path: str, work: str) -> tuple[str, Graph]:
     label = path
     model = _load_proto(path)
     if not any(t.data_location == EXTERNAL for t in all_tensors(model)):
-        path = _externalize(model, work)
+        try:
+            path = _externalize(model, work)
+        except OSError as e:
+            raise ParityError(f"--port onnx:{label}: cannot write its weights into {work} ({e.strerror})") from None
         del model
         model = _load_proto(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -636,7 +639,6 @@ def open_graph(path: str, work: str) -> tuple[str, Graph]:
     except ExternalDataError as e:
         raise ParityError(f"--port onnx:{label}: external data refused: {e}") from None
     return path, Graph(model, folder, external)
-
 
 
 def _first_nonfinite_in(graph: Graph, values: dict, nodes) -> tuple[int, int] | None:
@@ -835,11 +837,11 @@ def _name_the_node(layers, rows, pairs, graph, culprit_cut, dtypes, spill, calls
 def _reference_module(component: str, checkpoint: str, structure: torch.nn.Module, key_of: dict, name: str):
     """The reference module `name` of the weightless `structure`, given its checkpoint weights (fp32):
     the one module the node rule re-runs, not the whole reference."""
+    from .run import CheckpointTensors
+
     module = dict(structure.named_modules())[name]
     prefix = f"{name}." if name else ""
     keys = {k: key_of[prefix + k] for k, _ in module.named_parameters() if prefix + k in key_of}
-    from .run import CheckpointTensors
-
     with CheckpointTensors(checkpoint, keys) as tensors:
         module.load_state_dict(dict(tensors.items()), strict=False, assign=True)
     empty = [n for n, t in module.named_parameters() if t.is_meta]
