@@ -632,6 +632,7 @@ def open_graph(path: str, work: str) -> tuple[str, Graph]:
         except OSError as e:
             raise ParityError(f"--port onnx:{label}: cannot write its weights into {work} ({e.strerror})") from None
         del model
+        memory.release()
         model = _load_proto(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:

@@ -73,7 +73,7 @@ def _inside(folder: str, location: str) -> str:
 
 
 def _file_size(path: str, location: str) -> int:
-    """The size of a regular file, opened without following a link."""
+    """The size of a regular file, opened without following a link (and without waiting on a FIFO)."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
@@ -167,7 +167,7 @@ def _checked(t, folder: str, sizes: dict[str, int]) -> External:
 
 def _mapped(e: External, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     """A read-only memory map of `e`'s range, the file opened without following a link."""
-    fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode) or e.offset + e.length > st.st_size:
