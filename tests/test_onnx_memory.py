@@ -236,10 +236,16 @@ def _missing(f, d, t):
     f["location"] = "nowhere.data"
 
 
+def _wrapping_shape(f, d, t):
+    del t.dims[:]
+    t.dims.extend([2 ** 32, 2 ** 32])  # 2^64 elements: 0 in int64 arithmetic
+    f["length"] = "0"
+
+
 @pytest.mark.parametrize("change, says", [
     (_absolute, "not a relative path"), (_climbs, "leaves the graph's folder"), (_link, "passes through a link"),
     (_directory, "not a regular file"), (_fifo, "not a regular file"), (_past_the_end, "lie outside"),
-    (_wrong_length, "its external data"), (_missing, "cannot open"),
+    (_wrong_length, "its external data"), (_missing, "cannot open"), (_wrapping_shape, "its external data"),
 ])
 def test_hostile_external_data_is_refused_in_one_line(variants, graphs, tmp_path, change, says):
     d = tmp_path / "g"

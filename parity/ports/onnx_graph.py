@@ -23,6 +23,7 @@ externally is read, when asked for, as a memory map of its validated file range 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import stat
 
@@ -89,20 +90,17 @@ def _file_size(path: str, location: str) -> int:
 
 def _element_bytes(t) -> tuple[int, int] | None:
     """(elements, bytes per element) of a tensor's declared type, or None for a type this reader
-    does not map (strings, sub-byte types)."""
-    from onnx import helper
+    does not map (strings; 4- and 2-bit types, packed several to a byte)."""
+    from onnx import TensorProto, helper
 
+    unmapped = {getattr(TensorProto, n, None) for n in ("STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")}
+    if t.data_type in unmapped:
+        return None
     try:
         item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
     except (KeyError, TypeError, ValueError):
         return None
-    if t.data_type in _SUB_BYTE or t.data_type == 8:  # 8: STRING
-        return None
-    return int(np.prod(list(t.dims), dtype=np.int64)), item
-
-
-# INT4, UINT4, FLOAT4E2M1 (and the 2-bit types): packed several to a byte, their numpy type is not their size.
-_SUB_BYTE = frozenset({22, 21, 23, 25, 26})
+    return math.prod(t.dims), item  # Python integers: a crafted shape cannot wrap around
 
 
 def all_tensors(model):
@@ -136,8 +134,6 @@ def external_refs(model, folder: str) -> dict[str, External]:
         if t.data_location == EXTERNAL:
             _checked(t, folder, sizes)
     return {t.name: _checked(t, folder, sizes) for t in model.graph.initializer if t.data_location == EXTERNAL}
-
-
 
 
 def _checked(t, folder: str, sizes: dict[str, int]) -> External:
@@ -248,7 +244,7 @@ class Graph:
             return None
 
     def initializer_size(self, name: str) -> int:
-        return int(np.prod(list(self.initializers[name].dims), dtype=np.int64))
+        return math.prod(self.initializers[name].dims)
 
     def initializer_nbytes(self, name: str) -> int:
         """The bytes an initializer's values take (its external range, or its data in the graph)."""
