@@ -1,12 +1,13 @@
 """An ONNX graph against the reference, node by node, in ONNX Runtime: `--port onnx:FILE.onnx[:LEVEL]`.
 
-One run (docs/onnx.md):
+One run (docs/onnx.md), holding one model's weights at a time:
 1. pairing from the weights: every float initializer of the graph *as stored* is matched to checkpoint
    tensors (pairing.match_parameter, plus a transpose of 2-D weights: the exporter stores a Linear's
    weight as MatMul's [in, out]); a reference module pairs with the region of nodes that consumes its
-   weights (onnx_graph.py);
+   weights (onnx_graph.py). Both sides are read one tensor at a time: the graph's initializers from
+   its external data files (open_graph), the checkpoint's against the reference's weightless structure;
 2. the reference runs once with hooks on the paired modules, spilling outputs and recorded inputs, and
-   is freed;
+   is freed before any ONNX Runtime session exists;
 3. the graph runs once in ONNX Runtime with every intermediate tensor exposed as a graph output
    (accumulated mode), in segments that hold at most a byte budget of observed tensors, each pair
    compared as soon as its tensors are there (onnx_stream.py); and once as it is, at the optimization level LEVEL (default `disabled`): that
@@ -33,9 +34,9 @@ from ..components import ParityError, entry
 from ..layers import first_tensor
 from ..metrics import METRICS, check, compare, default_tolerance
 from ..report import ACCUMULATED, ISOLATED, MODES, LapClock, Report, collect_versions, make_layer
-from ..spill import Spill
+from ..spill import Spill, check_room, estimate_reference
 from . import onnx_stream
-from .onnx_graph import LAYOUT_OPS, Graph, Region
+from .onnx_graph import EXTERNAL, LAYOUT_OPS, ExternalDataError, Graph, Region, all_tensors, external_refs
 from .pairing import (SIMILARITY, Index, _atom_tensor, _atoms_of_tensor, _module_sets, _representative, match_parameter,
                       split_tensors)
 
@@ -71,18 +72,19 @@ class OnnxPair:
 def _match_initializers(graph: Graph, index: Index) -> tuple[dict[str, object], dict[str, str]]:
     """{initializer: Match} and {initializer: why unmatched} for the float initializers that can hold
     a weight (more than one value, not all equal: an InstanceNormalization's ones are no weight). A
-    2-D initializer is also tried transposed (MatMul's [in, out] for a Linear's [out, in])."""
+    2-D initializer is also tried transposed (MatMul's [in, out] for a Linear's [out, in]). One
+    initializer is in memory at a time (an external one read from its file)."""
     found, unmatched = {}, {}
     for name in graph.initializers:
+        dtype = graph.initializer_dtype(name)
+        if dtype is None or dtype.kind != "f" or graph.initializer_size(name) < 2:
+            continue
         a = graph.initializer_array(name)
-        if a.dtype.kind != "f" or a.size < 2 or np.all(a == a.flat[0]):
+        if np.all(a == a.flat[0]):
             continue
         t = torch.from_numpy(np.array(a))
-        r = match_parameter(name, t, index)
-        if t.dim() == 2 and not (isinstance(r, list) and r[0].how != "nearest"):
-            rt = match_parameter(name, t.t().contiguous(), index)
-            if isinstance(rt, list) and (rt[0].how != "nearest" or not isinstance(r, list)):
-                r = rt
+        del a
+        r = _match_either_way(name, t, index)
         if isinstance(r, list):
             found[name] = r[0]
         elif isinstance(r, tuple):
@@ -93,11 +95,42 @@ def _match_initializers(graph: Graph, index: Index) -> tuple[dict[str, object], 
     return found, unmatched
 
 
-def pair_graph(graph: Graph, reference: torch.nn.Module):
+def _match_either_way(name: str, t: torch.Tensor, index: Index):
+    """match_parameter on `t`, and for a 2-D `t` on its transpose where `t` holds no exact match; the
+    search by cosine (which reads every tensor of the size) only where neither way matches exactly."""
+    r = match_parameter(name, t, index, nearest=False)
+    if r is None and t.dim() == 2:
+        r = match_parameter(name, t.t().contiguous(), index, nearest=False)
+    if r is not None:
+        return r
+    r = match_parameter(name, t, index)
+    if t.dim() == 2 and not (isinstance(r, list) and r[0].how != "nearest"):
+        rt = match_parameter(name, t.t().contiguous(), index)
+        if isinstance(rt, list) and (rt[0].how != "nearest" or not isinstance(r, list)):
+            r = rt
+    return r
+
+
+def reference_tensors(component: str, checkpoint: str, structure: torch.nn.Module, key_of: dict[str, str]):
+    """The reference's parameters, each read from the checkpoint when asked for (in the order the
+    reference model holds them), for pairing without a loaded reference."""
+    from .run import CheckpointTensors
+
+    names = [n for n, _ in structure.named_parameters()]
+    empty = [n for n in names if n not in key_of]
+    if empty:
+        raise ParityError(f"{checkpoint}: reference {component} has tensors the checkpoint does not fill "
+                          f"({', '.join(empty[:3])})")
+    return CheckpointTensors(checkpoint, {n: key_of[n] for n in names})
+
+
+def pair_graph(graph: Graph, reference: torch.nn.Module, tensors=None):
     """(pairs, unpaired {name: why}, {initializer: Match}, coverage, {node: atoms}) for the graph
-    against `reference`."""
-    ref_tensors = dict(reference.named_parameters())
-    matches, unmatched = _match_initializers(graph, Index(ref_tensors))
+    against `reference`: a weightless structure (meta parameters) with `tensors` its parameters by
+    name, read when asked for (CheckpointTensors), or a loaded model when `tensors` is None."""
+    ref_tensors = tensors if tensors is not None else dict(reference.named_parameters())
+    index = Index(ref_tensors)
+    matches, unmatched = _match_initializers(graph, index)
     split = split_tensors(matches)
     ref_sets, ref_mods = _module_sets(reference, ref_tensors, lambda n: _atoms_of_tensor(n, split))
     atoms = graph.node_atoms({n: frozenset(m.atoms) for n, m in matches.items()})
@@ -132,7 +165,7 @@ def pair_graph(graph: Graph, reference: torch.nn.Module):
             unpaired[f"reference {rep}"] = region
             continue
         pairs.append(OnnxPair((rep,), type(ref_mods[rep]).__name__, region,
-                              _tokens(graph, weighted, init_of, matches, ref_tensors), _notes(weighted, init_of, matches)))
+                              _tokens(graph, weighted, init_of, matches, index.shapes), _notes(weighted, init_of, matches)))
     # Fused nodes: a node whose weight concatenates several whole reference layers' weights (with the
     # node adding their concatenated biases) pairs with those layers, in the order of its weight.
     fused_done = set()
@@ -153,7 +186,7 @@ def pair_graph(graph: Graph, reference: torch.nn.Module):
             continue
         fused_done.add(owners)
         pairs.append(OnnxPair(owners, type(ref_mods[owners[0]]).__name__, region,
-                              _tokens(graph, weighted, init_of, matches, ref_tensors), ()))
+                              _tokens(graph, weighted, init_of, matches, index.shapes), ()))
         for o in owners:
             unpaired.pop(f"reference {o}", None)
     leaves = [m for m in ref_sets if any(t.rpartition(".")[0] == m for t in ref_tensors)]
@@ -167,14 +200,14 @@ def pair_graph(graph: Graph, reference: torch.nn.Module):
     return pairs, unpaired, matches, coverage, atoms
 
 
-def _tokens(graph: Graph, weighted, init_of, matches, ref_tensors) -> bool:
+def _tokens(graph: Graph, weighted, init_of, matches, ref_shapes) -> bool:
     """The region computes on tokens [B, HW, C] where the reference has [B, C, H, W]: its weight is a
     2-D initializer matched to a 4-D (1x1 convolution) weight. Known from the weights, not shapes."""
     for i in weighted:
         for t in init_of.get(i, []):
             m = matches[t]
-            ref = ref_tensors.get(_atom_tensor(m.atoms[0]))
-            if ref is not None and ref.dim() == 4 and len(graph.initializers[t].dims) == 2:
+            ref = ref_shapes.get(_atom_tensor(m.atoms[0]))
+            if ref is not None and len(ref) == 4 and len(graph.initializers[t].dims) == 2:
                 return True
     return False
 
@@ -201,10 +234,14 @@ def coverage_line(c: dict) -> str:
 # ONNX Runtime
 
 
-def _session(model_or_path, level: str, device: str, optimized_path: str | None = None):
+def _session(model_or_path, level: str, device: str, optimized_path: str | None = None, folder: str | None = None):
+    """An ORT session of a graph file, or of a model built here (a segment, a cut region) whose
+    external initializers ORT reads from `folder`, the graph's: no weights pass through Python."""
     _, ort = _ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if folder and not isinstance(model_or_path, str):
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     opts.graph_optimization_level = {
         "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
@@ -267,22 +304,27 @@ def _exposed(model, names: list[str], types: dict[str, int]):
     return m
 
 
-def fused_away(graph: Graph, path: str, feeds: dict, level: str, device: str, work: str, wanted: list[str]):
-    """(the graph's output at `level`, {tensor: why} for the wanted tensors the optimized graph no
-    longer has). Exposing a tensor as an output keeps it; this run exposes none."""
+def whole_run(graph: Graph, path: str, component: str, cpu_inputs: dict, level: str, device: str, work: str,
+              wanted: list[str]):
+    """One session of the whole graph at `level`: (feeds, provider, the graph's output, {tensor: why}
+    for the wanted tensors the optimized graph no longer has). Exposing a tensor as an output keeps
+    it; this run exposes none."""
     import onnx
 
     opt = os.path.join(work, "optimized.onnx")
     # ORT writes the optimized graph as one protobuf: past 2 GB of weights it cannot, and none is asked for.
-    big = sum(len(t.raw_data) for t in graph.initializers.values()) >= 2 ** 31 - 2 ** 26
+    big = graph.weight_bytes() >= 2 ** 31 - 2 ** 26
     check = level != "disabled" and not big
     sess = _session(path, level, device, optimized_path=opt if check else None)
+    feeds = _feeds(sess, graph, component, cpu_inputs)
+    provider = sess.get_providers()[0]
     out = sess.run([sess.get_outputs()[0].name], feeds)[0]
+    del sess
     if not check:
-        return out, {}
+        return feeds, provider, out, {}
     kept = {t for n in onnx.load(opt, load_external_data=False).graph.node for t in n.output}
-    return out, {t: f"ONNX Runtime's '{level}' optimizations fuse it away (observed with it exposed as an output)"
-                 for t in wanted if t not in kept}
+    return feeds, provider, out, {t: f"ONNX Runtime's '{level}' optimizations fuse it away (observed with it "
+                                     f"exposed as an output)" for t in wanted if t not in kept}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +498,7 @@ def run_region(graph: Graph, kept, feeds, outputs, dtypes, level: str, device: s
 
     outputs = [o for o in outputs if o in dtypes]
     m = graph.subgraph(kept, feeds, {o: dtypes[o] for o in outputs}, helper.np_dtype_to_tensor_dtype)
-    sess = _session(m, level, device)
+    sess = _session(m, level, device, folder=graph.folder)
     return dict(zip(outputs, sess.run(outputs, feeds)))
 
 
@@ -537,18 +579,67 @@ def _region_name(graph: Graph, region: Region) -> str:
 # The run
 
 
-def _load_graph(path: str):
+INLINE_LIMIT = 1024  # an inline initializer of this many bytes or more is moved out of the protobuf
+
+
+def _load_proto(path: str):
+    """The graph's protobuf without external data (the weights stay in their files)."""
     import onnx
 
-    if not os.path.isfile(path):
-        raise ParityError(f"--port onnx:{path}: no such file")
     try:
-        model = onnx.load(path, load_external_data=True)
+        model = onnx.load(path, load_external_data=False)
     except Exception as e:
         raise ParityError(f"--port onnx:{path}: not an ONNX model ({type(e).__name__}: {cut(e, 120)})") from None
     if not model.graph.node:
         raise ParityError(f"--port onnx:{path}: the graph has no nodes")
     return model
+
+
+def _externalize(model, work: str) -> str:
+    """Write a graph whose weights are inline into `work` with them in one external file, each at a
+    page-aligned offset (ORT may map such a range instead of copying it). Returns the graph's path."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    data = "graph.onnx.data"
+    with open(os.path.join(work, data), "wb") as f:
+        for t in model.graph.initializer:
+            n = len(t.raw_data) if t.HasField("raw_data") else 0
+            if n < INLINE_LIMIT:
+                continue
+            f.write(b"\0" * (-f.tell() % 4096))
+            offset = f.tell()
+            f.write(t.raw_data)
+            set_external_data(t, data, offset, n)
+            t.ClearField("raw_data")
+    path = os.path.join(work, "graph.onnx")
+    onnx.save_model(model, path)
+    return path
+
+
+def open_graph(path: str, work: str) -> tuple[str, Graph]:
+    """(the graph file sessions are built from, the Graph) with no weights held by Python: external
+    data is validated (docs/security.md) and left in its files; a graph with its weights inline is
+    first rewritten into `work` with them in an external file, and read back without them (a
+    cleared protobuf field keeps its memory)."""
+    if not os.path.isfile(path):
+        raise ParityError(f"--port onnx:{path}: no such file")
+    label = path
+    model = _load_proto(path)
+    if not any(t.data_location == EXTERNAL for t in all_tensors(model)):
+        try:
+            path = _externalize(model, work)
+        except OSError as e:
+            raise ParityError(f"--port onnx:{label}: cannot write its weights into {work} ({e.strerror})") from None
+        del model
+        memory.release()
+        model = _load_proto(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        external = external_refs(model, folder)
+    except ExternalDataError as e:
+        raise ParityError(f"--port onnx:{label}: external data refused: {e}") from None
+    return path, Graph(model, folder, external)
 
 
 def _first_nonfinite_in(graph: Graph, values: dict, nodes) -> tuple[int, int] | None:
@@ -572,21 +663,24 @@ def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str 
              observe_budget: int | None = None):
     from .. import harness
     from ..reference.load import load_reference
+    from .run import reference_structure
 
     _ort()
     progress = progress or harness.no_progress
-    path, level = spec.target, spec.func or "disabled"
+    level = spec.func or "disabled"
     pc = entry(component)
     modes = tuple(m for m in MODES if m in modes)
     dev = harness.resolve_device(device)
     harness.deterministic()
     tol = tolerance or default_tolerance(dtype)
-    model = _load_graph(path)
-    graph = Graph(model)
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-onnx-"))
-        ref, cfg, fmt = load_reference(component, checkpoint, num_heads=num_heads)
-        pairs, unpaired, matches, coverage, atoms = pair_graph(graph, ref)
+        # One model's weights at a time: pairing reads graph and checkpoint tensors one by one; the
+        # reference runs and is freed; only then do ORT sessions load the graph's weights.
+        path, graph = open_graph(spec.target, work)
+        cfg, fmt, structure, key_of = reference_structure(component, checkpoint, num_heads)
+        with reference_tensors(component, checkpoint, structure, key_of) as tensors:
+            pairs, unpaired, matches, coverage, atoms = pair_graph(graph, structure, tensors)
         encode = None
         if pc.takes_prompt_context and prompt is not None:
             from .run import reference_text_context
@@ -596,18 +690,16 @@ def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str 
         desc.update(checkpoint=os.path.basename(checkpoint), port=spec.label, source_format=fmt,
                     reference_dtype="fp32", pairing=coverage_line(coverage), pairing_counts=coverage,
                     onnx_optimization=level, onnx_nodes=len(graph.nodes))
+        check_room(work, _spill_estimate(component, structure, pairs, cpu_inputs, fmt, ISOLATED in modes), ParityError)
         spill = stack.enter_context(Spill(work))
+        ref, _, _ = load_reference(component, checkpoint, num_heads=num_heads)
         order, whole, calls = reference_pass(component, ref, pairs, cpu_inputs, fmt, spill, ISOLATED in modes)
         progress("reference pass", 1, 1)
         del ref
         memory.release()
 
-        deploy = _session(path, level, device)
-        feeds = _feeds(deploy, graph, component, cpu_inputs)
-        desc["onnx_provider"] = deploy.get_providers()[0]
-        out, gone = fused_away(graph, path, feeds, level, device, work,
-                               [pairs[k].region.output for k in order])
-        del deploy
+        feeds, desc["onnx_provider"], out, gone = whole_run(graph, path, component, cpu_inputs, level, device, work,
+                                                            [pairs[k].region.output for k in order])
         in_order = {k: n for n, k in enumerate(order)}
         results: dict[int, tuple] = {}   # k -> (acc, iso, note parts) or None when skipped
         first_bad: list = []             # (node, count) of the first inf/NaN, in graph order
@@ -657,7 +749,7 @@ def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str 
         dtypes: dict = {}
         needs = {k: _needs(graph, atoms, pairs[k], ISOLATED in modes) for k in range(len(pairs))
                  if k in in_order or pairs[k] is contract}
-        figures = onnx_stream.observe(graph, feeds, types, lambda m: _session(m, level, device),
+        figures = onnx_stream.observe(graph, feeds, types, lambda m: _session(m, level, device, folder=graph.folder),
                                       budget=observe_budget or onnx_stream.DEFAULT_BUDGET, needs=needs,
                                       on_ready=on_ready, on_segment=on_segment, dtypes=dtypes)
         desc["onnx_observation"] = {k: v for k, v in figures.items()}
@@ -700,7 +792,7 @@ def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str 
                                  accumulated=m if ACCUMULATED in modes else None,
                                  isolated=m if ISOLATED in modes else None, note=why))
         layers = _name_the_node(layers, rows, pairs, graph, culprit_cut, dtypes, spill, calls, component, checkpoint,
-                                num_heads, level, device, tol)
+                                (structure, key_of), level, device, tol)
         desc["spilled_bytes"] = spill.bytes
     report = Report(component, modes, dtype, f"{harness.device_name(dev)}; ONNX Runtime {desc['onnx_provider']}",
                     tol, desc, collect_versions(onnx=_ort()[0].__version__, onnxruntime=_ort()[1].__version__),
@@ -708,12 +800,13 @@ def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str 
     return harness.ParityResult(report, unpaired, {})
 
 
-def _name_the_node(layers, rows, pairs, graph, culprit_cut, dtypes, spill, calls, component, checkpoint, num_heads,
+def _name_the_node(layers, rows, pairs, graph, culprit_cut, dtypes, spill, calls, component, checkpoint, reference,
                    level, device, tol):
-    """For the culprit found in isolation: the node rule inside its region, as the layer's note."""
+    """For the culprit found in isolation: the node rule inside its region, as the layer's note.
+    `reference` is (the weightless structure, {parameter: checkpoint key}): only the culprit's module
+    is given its weights."""
     import dataclasses
 
-    from ..reference.load import load_reference
     from ..report import find_culprit
 
     c = find_culprit(layers)
@@ -728,13 +821,12 @@ def _name_the_node(layers, rows, pairs, graph, culprit_cut, dtypes, spill, calls
     kept, feeds, _ = culprit_cut["cut"]
     outs = [t for i in kept for t in graph.data_outputs(i)]
     got = run_region(graph, kept, feeds, outs, dtypes, level, device)
-    ref, _, _ = load_reference(component, checkpoint, num_heads=num_heads)
-    module = dict(ref.named_modules())[p.reference[0]]
+    module = _reference_module(component, checkpoint, *reference, p.reference[0])
     args, kwargs = calls[p.reference[0]]
     rec = _Record()
     with torch.no_grad(), rec:
         module(*_refill(args, spill), **dict(_refill(kwargs, spill)))
-    del ref
+    del module
     finding = node_culprit(graph, kept, feeds, got, rec.values, tol.rel_l2 or 1e-5)
     if finding is None:
         finding = "no single node departs from the reference by the node rule (docs/onnx.md)"
@@ -742,3 +834,28 @@ def _name_the_node(layers, rows, pairs, graph, culprit_cut, dtypes, spill, calls
     layers[c.index] = dataclasses.replace(l, note="; ".join(x for x in (l.note, finding) if x))
     return layers
 
+
+def _reference_module(component: str, checkpoint: str, structure: torch.nn.Module, key_of: dict, name: str):
+    """The reference module `name` of the weightless `structure`, given its checkpoint weights (fp32):
+    the one module the node rule re-runs, not the whole reference."""
+    from .run import CheckpointTensors
+
+    module = dict(structure.named_modules())[name]
+    prefix = f"{name}." if name else ""
+    keys = {k: key_of[prefix + k] for k, _ in module.named_parameters() if prefix + k in key_of}
+    with CheckpointTensors(checkpoint, keys) as tensors:
+        module.load_state_dict(dict(tensors.items()), strict=False, assign=True)
+    empty = [n for n, t in module.named_parameters() if t.is_meta]
+    if empty:
+        raise ParityError(f"{checkpoint}: reference {component} has tensors the checkpoint does not fill "
+                          f"({', '.join(prefix + n for n in empty[:3])})")
+    return module.float().eval().requires_grad_(False)
+
+
+def _spill_estimate(component: str, structure, pairs: list[OnnxPair], cpu_inputs: dict, fmt: str,
+                    record_inputs: bool) -> int:
+    """Bytes the reference pass spills (a pass of the weightless structure on meta), 0 if unknown."""
+    pc = entry(component)
+    members = list(dict.fromkeys([*([pc.contract_module] if pc.contract_module else []),
+                                  *(r for p in pairs for r in p.reference)]))
+    return estimate_reference(component, structure, cpu_inputs, fmt, members, members if record_inputs else ())

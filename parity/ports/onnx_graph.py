@@ -16,10 +16,16 @@ The region of a reference module whose atoms are S:
    SiLU's `x * sigmoid(x)` has one source and does not join.
 The region's output is the last tensor it produces that a node outside it (or the graph's output)
 reads. Its inputs are the data tensors its nodes read and it does not produce.
+
+Weights stay on disk: the graph is read without its external data, and an initializer stored
+externally is read, when asked for, as a memory map of its validated file range (`External`).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import stat
 
 import numpy as np
 
@@ -28,6 +34,143 @@ import numpy as np
 JOIN_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Sum"})
 LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast",
                         "Expand", "Dropout", "Split", "Slice", "Gather", "Concat"})
+
+
+EXTERNAL = 1  # TensorProto.EXTERNAL: the tensor's bytes are in a file
+
+
+@dataclasses.dataclass(frozen=True)
+class External:
+    """Where an initializer's bytes lie: a regular file inside the graph's folder, and a range of it."""
+
+    path: str
+    offset: int
+    length: int
+
+
+class ExternalDataError(ValueError):
+    """An initializer's external data that is not read: outside the graph's folder, a link, out of range."""
+
+
+def _external_fields(t) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _inside(folder: str, location: str) -> str:
+    """The path of `location` below `folder`, refused when it is absolute, climbs (`..`) or passes a link."""
+    parts = location.replace("\\", "/").split("/")
+    if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in parts[0]:
+        raise ExternalDataError(f"location '{location[:80]}' is not a relative path")
+    if any(p in ("", "..") for p in parts):
+        raise ExternalDataError(f"location '{location[:80]}' leaves the graph's folder or is not a plain path")
+    parts = [p for p in parts if p != "."]
+    path = os.path.join(folder, *parts)
+    walk = folder
+    for p in parts:
+        walk = os.path.join(walk, p)
+        if os.path.islink(walk):
+            raise ExternalDataError(f"location '{location[:80]}' passes through a link")
+    return path
+
+
+def _file_size(path: str, location: str) -> int:
+    """The size of a regular file, opened without following a link (and without waiting on a FIFO)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ExternalDataError(f"cannot open '{location[:80]}' ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ExternalDataError(f"'{location[:80]}' is not a regular file")
+    return st.st_size
+
+
+def _element_bytes(t) -> tuple[int, int] | None:
+    """(elements, bytes per element) of a tensor's declared type, or None for a type this reader
+    does not map (strings; 4- and 2-bit types, packed several to a byte)."""
+    from onnx import TensorProto, helper
+
+    unmapped = {getattr(TensorProto, n, None) for n in ("STRING", "INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")}
+    if t.data_type in unmapped:
+        return None
+    try:
+        item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    return math.prod(t.dims), item  # Python integers: a crafted shape cannot wrap around
+
+
+def all_tensors(model):
+    """Every tensor the model stores: initializers and node attributes, in subgraphs too."""
+    from onnx import AttributeProto
+
+    todo = [model.graph]
+    while todo:
+        g = todo.pop()
+        yield from g.initializer
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == AttributeProto.TENSORS:
+                    yield from a.tensors
+                elif a.type == AttributeProto.GRAPH:
+                    todo.append(a.g)
+                elif a.type == AttributeProto.GRAPHS:
+                    todo.extend(a.graphs)
+
+
+def external_refs(model, folder: str) -> dict[str, External]:
+    """{initializer: External} for every initializer of `model` stored externally. Every tensor the
+    model stores externally is checked (a Constant's value or a subgraph's initializer is read by ORT
+    too): a relative location inside `folder`, no `..`, no link, a regular file; offset and length
+    within the file; the length the tensor's type and shape need. Raises ExternalDataError."""
+    folder = os.path.abspath(folder)
+    sizes: dict[str, int] = {}
+    for t in all_tensors(model):
+        if t.data_location == EXTERNAL:
+            _checked(t, folder, sizes)
+    return {t.name: _checked(t, folder, sizes) for t in model.graph.initializer if t.data_location == EXTERNAL}
+
+
+def _checked(t, folder: str, sizes: dict[str, int]) -> External:
+    f = _external_fields(t)
+    name = t.name[:80]
+    location = f.get("location", "")
+    path = _inside(folder, location)
+    if path not in sizes:
+        sizes[path] = _file_size(path, location)
+    size = sizes[path]
+    try:
+        offset = int(f.get("offset", "0"))
+        length = int(f["length"]) if "length" in f else size - offset
+    except ValueError:
+        raise ExternalDataError(f"initializer {name}: offset or length is not an integer") from None
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ExternalDataError(f"initializer {name}: bytes {offset}..{offset + length} lie outside "
+                                f"'{location[:80]}' ({size} bytes)")
+    if any(d < 0 for d in t.dims):
+        raise ExternalDataError(f"initializer {name}: negative dimension {list(t.dims)}")
+    shape = _element_bytes(t)
+    if shape is not None and shape[0] * shape[1] != length:
+        raise ExternalDataError(f"initializer {name}: {list(t.dims)} of {shape[1]}-byte elements is "
+                                f"{shape[0] * shape[1]} bytes, its external data {length}")
+    return External(path, offset, length)
+
+
+def _mapped(e: External, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only memory map of `e`'s range, the file opened without following a link."""
+    fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or e.offset + e.length > st.st_size:
+            raise ExternalDataError(f"'{os.path.basename(e.path)}' changed since the graph was read")
+        if e.length == 0:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(f, dtype=dtype, mode="r", offset=e.offset, shape=shape)
 
 
 @dataclasses.dataclass
@@ -41,11 +184,13 @@ class Region:
 class Graph:
     """Topology of one ONNX graph: producers, consumers, constants, shape values, data edges."""
 
-    def __init__(self, model):
+    def __init__(self, model, folder: str | None = None, external: dict[str, External] | None = None):
         from onnx import numpy_helper
 
         g = model.graph
         self.model = model
+        self.folder = folder              # where ONNX Runtime resolves external data
+        self.external = external or {}    # initializers whose bytes stay on disk
         self.nodes = list(g.node)
         self.inputs = [i.name for i in g.input]
         self.outputs = [o.name for o in g.output]
@@ -80,7 +225,37 @@ class Graph:
         return n.name or f"{n.op_type}_{i}"
 
     def initializer_array(self, name: str) -> np.ndarray:
-        return self.numpy_helper.to_array(self.initializers[name])
+        """An initializer's values; one stored externally is a read-only memory map of its file."""
+        t = self.initializers[name]
+        e = self.external.get(name)
+        if e is None or _element_bytes(t) is None:
+            return self.numpy_helper.to_array(t, base_dir=self.folder or "")
+        from onnx import helper
+
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+        return _mapped(e, dtype, tuple(t.dims))
+
+    def initializer_dtype(self, name: str) -> np.dtype | None:
+        from onnx import helper
+
+        try:
+            return np.dtype(helper.tensor_dtype_to_np_dtype(self.initializers[name].data_type))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def initializer_size(self, name: str) -> int:
+        return math.prod(self.initializers[name].dims)
+
+    def initializer_nbytes(self, name: str) -> int:
+        """The bytes an initializer's values take (its external range, or its data in the graph)."""
+        e = self.external.get(name)
+        if e is not None:
+            return e.length
+        t = self.initializers[name]
+        return len(t.raw_data) or self.initializer_array(name).nbytes
+
+    def weight_bytes(self) -> int:
+        return sum(self.initializer_nbytes(n) for n in self.initializers)
 
     # --- atoms ---------------------------------------------------------------------------------
     def node_atoms(self, init_atoms: dict[str, frozenset]) -> dict[int, frozenset]:

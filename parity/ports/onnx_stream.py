@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-WEIGHT_CAP = 2 ** 30  # initializer bytes per segment: each is serialized as one protobuf (< 2 GB)
+WEIGHT_CAP = 2 ** 30  # initializer bytes per segment: what one segment's session loads (inline ones: < 2 GB of protobuf)
 DEFAULT_BUDGET = 2 ** 30
 
 
@@ -61,7 +61,7 @@ def _weights(graph) -> list[int]:
 
     def of(t: str, depth=0) -> int:
         if t in graph.initializers:
-            return len(graph.initializers[t].raw_data) or graph.initializer_array(t).nbytes
+            return graph.initializer_nbytes(t)
         if t not in graph.const or t not in graph.producer or depth > 32:
             return 0
         if t not in memo:

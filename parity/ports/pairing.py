@@ -87,15 +87,19 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
 
 class Index:
     """Reference tensors by element count, with a fingerprint (sum of squares) that reshapes and
-    transposes keep."""
+    transposes keep. `tensors` may read each tensor when asked for (CheckpointTensors): the index
+    reads each once and keeps only shapes and fingerprints; a comparison reads its candidates again."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
-        self.tensors = dict(tensors)
+        self.tensors = tensors
         self.by_numel: dict[int, list[str]] = {}
         self.sumsq: dict[str, float] = {}
-        for name, t in self.tensors.items():
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for name, t in tensors.items():
             self.by_numel.setdefault(t.numel(), []).append(name)
             self.sumsq[name] = float(_f64(t).square().sum())
+            self.shapes[name] = tuple(t.shape)
+            del t
         self.slices: dict[int, list[tuple[str, int, int]]] | None = None
 
     def candidates(self, p: torch.Tensor) -> list[str]:
@@ -110,11 +114,12 @@ class Index:
         """(tensor, part, parts): equal parts of a reference tensor along its first axis."""
         if self.slices is None:
             self.slices = {}
-            for name, t in self.tensors.items():
+            for name, shape in self.shapes.items():
+                numel = math.prod(shape)
                 for k in _SPLITS:
-                    if t.dim() >= 1 and t.shape[0] % k == 0 and t.shape[0] > k - 1:
+                    if len(shape) >= 1 and shape[0] % k == 0 and shape[0] > k - 1:
                         for i in range(k):
-                            self.slices.setdefault(t.numel() // k, []).append((name, i, k))
+                            self.slices.setdefault(numel // k, []).append((name, i, k))
         return self.slices.get(p.numel(), [])
 
 
@@ -147,8 +152,10 @@ def _match_one(name: str, p: torch.Tensor, index: Index) -> list[Match]:
     return out
 
 
-def match_parameter(name: str, p: torch.Tensor, index: Index) -> list[Match] | tuple[str, float] | None:
-    """Exact matches (possibly several), else (nearest tensor, cosine) for a near miss, else None."""
+def match_parameter(name: str, p: torch.Tensor, index: Index,
+                    nearest: bool = True) -> list[Match] | tuple[str, float] | None:
+    """Exact matches (possibly several), else (nearest tensor, cosine) for a near miss, else None.
+    `nearest=False`: exact matches or None (no search by cosine)."""
     p = p.detach()
     if not p.is_floating_point() and p.dtype not in (torch.int8, torch.uint8):
         return None
@@ -170,6 +177,8 @@ def match_parameter(name: str, p: torch.Tensor, index: Index) -> list[Match] | t
             how = _equal(p, _part(index.tensors[r], i, k))
             if how:
                 return [Match(name, (f"{r}[{i}/{k}]",), "slice", (how,), cast)]
+    if not nearest:
+        return None
     # Nearest by cosine among tensors of the same size (same shape, or a transpose / reshape of it).
     best, best_cos = None, -1.0
     pv = _f64(p)
