@@ -28,8 +28,10 @@ setup: $(VENV)/.sdport-setup
 demo: setup
 	$(BIN)/sdport demo
 
+# Two workers, each test file on one of them (its module fixtures built once): most tests are small
+# single-threaded torch work, so the two cores run two files at a time.
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
