@@ -5,6 +5,14 @@ allocations below its dynamic mmap threshold from heaps it trims only at their t
 freed after a forward leaves about 1.4 GB resident, and the next model's memory adds to it
 (bench/README.md, "txt2img parity within one model's memory"). `release()` collects Python's cycles,
 asks glibc to return its free pages (`malloc_trim`) and empties torch's CUDA cache.
+
+Trimming between stages does not help within one: a pass that allocates and frees activations of a few
+MiB to tens of MiB, among other allocations that stay, leaves holes in glibc's heaps that still count as
+resident, and glibc's mmap threshold grows (up to 32 MiB) as mapped blocks are freed, so more of them
+land in the heaps. `map_large_allocations()` fixes the threshold at 1 MiB for the process: every
+allocation of that size or more is its own mapping, handed back to the system when freed. The parity
+runs call it (a full-size txt2img parity run peaked at 8,061-8,409 MiB without it and 5,936 MiB with
+it; bench/README.md).
 """
 from __future__ import annotations
 
@@ -21,6 +29,23 @@ def _malloc_trim():
         return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
     except OSError:  # no C library by that name (musl, macOS: nothing to trim this way)
         return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MAP_FROM = 1 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def map_large_allocations() -> bool:
+    """Serve every allocation of MAP_FROM bytes or more from its own mapping, for the rest of the
+    process (glibc; setting the threshold also stops glibc from raising it). False where there is no
+    glibc `mallopt`, or it refuses."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    except OSError:
+        return False
+    return bool(mallopt is not None and mallopt(M_MMAP_THRESHOLD, MAP_FROM) == 1)
 
 
 def release() -> None:

@@ -58,6 +58,14 @@ def deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def prepare_run() -> None:
+    """What a parity run sets for its process: fp32 kernels (`deterministic`), and every large allocation
+    its own mapping (`memory.map_large_allocations`: freed activations go back to the system at once,
+    so a pass's peak is what it holds)."""
+    deterministic()
+    memory.map_large_allocations()
+
+
 def dtype_of(name: str) -> torch.dtype:
     return devices.resolve_dtype(name, error=ParityError)
 
@@ -307,7 +315,7 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
     if not modes:
         raise ParityError("no mode: choose accumulated, isolated or both")
     dev, ndtype = resolve_device(device), dtype_of(dtype)
-    deterministic()
+    prepare_run()
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-parity-", dir=spill_dir))
@@ -489,7 +497,7 @@ def record(component: str, checkpoint: str, out: str, *, stats_only: bool = Fals
     `progress(what, done, total)` as layers are written."""
     progress = progress or no_progress
     dev = resolve_device(device)
-    deterministic()
+    prepare_run()
     with tempfile.TemporaryDirectory(prefix="sdport-record-") as work:
         ref, cfg, fmt = load_reference(component, checkpoint)
         ref = ref.to(dev)
@@ -531,7 +539,7 @@ def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = N
     `progress(what, done, total)` as layers are compared."""
     progress = progress or no_progress
     dev, ndtype = resolve_device(device), dtype_of(dtype)
-    deterministic()
+    prepare_run()
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
         dump = stack.enter_context(golden.ActivationReader(golden_path))
