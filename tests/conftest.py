@@ -7,6 +7,12 @@ import sys
 
 import pytest
 
+# `make test` runs two pytest-xdist workers: each takes its share of the cores for torch's threads, and
+# the processes its tests start inherit it. The tiny models gain nothing from more threads than that
+# (their ops are too small to split), and two workers of two threads each on two cores wait on each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED_DIR = os.path.join(REPO, "fixtures", "tiny")
 
