@@ -7,11 +7,15 @@ import sys
 
 import pytest
 
-# `make test` runs two pytest-xdist workers: each takes its share of the cores for torch's threads, and
-# the processes its tests start inherit it. The tiny models gain nothing from more threads than that
-# (their ops are too small to split), and two workers of two threads each on two cores wait on each other.
+# `make test` runs two pytest-xdist workers: each runs torch on its share of the cores. The tiny models
+# gain nothing from more threads than that (their ops are too small to split), and two workers of two
+# threads each on two cores wait on each other. Only this process: the processes tests start choose
+# their own counts (a sweep's workers do, and its tests compare their results bit for bit).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMITTED_DIR = os.path.join(REPO, "fixtures", "tiny")
