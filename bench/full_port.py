@@ -18,6 +18,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_parity_memory import CLI, run  # noqa: E402
 
 
+def report_summary(path: str) -> dict:
+    """A port run's JSON report in brief: verdict, layers, pairing, spill, culprit, worst layer."""
+    with open(path) as f:
+        rep = json.load(f)
+    worst = max(rep["layers"], key=lambda l: max(m.get("rel_l2", 0) for m in l["metrics"].values()))
+    return {"passed": rep["passed"], "layers": len(rep["layers"]), "pairing": rep["inputs"].get("pairing"),
+            "spilled_bytes": rep["inputs"].get("spilled_bytes"), "culprit": rep["culprit"],
+            "worst": {"port": worst["native"], "reference": worst["reference"],
+                      "rel_l2": {m: v.get("rel_l2") for m, v in worst["metrics"].items()}}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
@@ -34,13 +45,7 @@ def main() -> None:
             continue
         rj = os.path.join(work, f"{comp}.json")
         r = run(["-c", CLI, "parity", comp, ckpt, "--port", a.port, "--json", rj], None)
-        with open(rj) as f:
-            rep = json.load(f)
-        worst = max(rep["layers"], key=lambda l: max(m.get("rel_l2", 0) for m in l["metrics"].values()))
-        r.update(passed=rep["passed"], layers=len(rep["layers"]), pairing=rep["inputs"].get("pairing"),
-                 spilled_bytes=rep["inputs"].get("spilled_bytes"), culprit=rep["culprit"],
-                 worst={"port": worst["native"], "reference": worst["reference"],
-                        "rel_l2": {m: v.get("rel_l2") for m, v in worst["metrics"].items()}})
+        r.update(report_summary(rj))
         r.pop("stdout_tail", None)
         out["results"][comp] = r
         print(comp, json.dumps(r), flush=True)

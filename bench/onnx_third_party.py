@@ -19,6 +19,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_parity_memory import CLI, run  # noqa: E402
+from full_port import report_summary  # noqa: E402
 
 EXPORT = """
 import sys, time, warnings, torch
@@ -63,15 +64,9 @@ def main() -> None:
             report = os.path.join(root, f"{which}.json")
             r = run(["-c", CLI, "parity", "unet", a.ckpt, "--port", f"onnx:{graph}", "--size", str(a.size),
                      "--batch", str(a.batch), "--json", report], None)
-            with open(report) as f:
-                rep = json.load(f)
-            worst = max(rep["layers"], key=lambda l: max(m.get("rel_l2", 0) for m in l["metrics"].values()))
             r.pop("stdout_tail", None)
             r.update(export={"wall_s": exported["wall_s"], "peak_rss_mib": exported["peak_rss_mib"],
-                             "bytes_on_disk": _bytes(folder)},
-                     passed=rep["passed"], layers=len(rep["layers"]), pairing=rep["inputs"].get("pairing"),
-                     culprit=rep["culprit"], worst={"port": worst["native"], "reference": worst["reference"],
-                                                    "rel_l2": {m: v.get("rel_l2") for m, v in worst["metrics"].items()}})
+                             "bytes_on_disk": _bytes(folder)}, **report_summary(report))
             out["results"][which] = r
             print(which, json.dumps(r), flush=True)
             if not a.out:
