@@ -13,6 +13,12 @@ land in the heaps. `map_large_allocations()` fixes the threshold at 1 MiB for th
 allocation of that size or more is its own mapping, handed back to the system when freed. The parity
 runs call it (a full-size txt2img parity run peaked at 8,061-8,409 MiB without it and 5,936 MiB with
 it; bench/README.md).
+
+A fresh mapping is faulted in, and zeroed by the kernel, page by page each time it is allocated. With
+4 KiB pages that made the same run slower; importing sdport therefore sets `THP_MEM_ALLOC_ENABLE=1`
+(the package's `__init__`), so that torch asks for transparent huge pages on its allocations of 2 MiB
+or more, and a forward faults in a tenth as often as with glibc's own heaps
+(`bench/bench_mmap_threshold.py`).
 """
 from __future__ import annotations
 

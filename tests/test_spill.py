@@ -208,3 +208,49 @@ def test_freed_activations_go_back_to_the_system_within_a_pass():
                                     check=True).stdout) for how in ("glibc", "mapped")}
     assert left["mapped"] < 16, left   # MiB still resident of the 320 MiB freed
     assert left["glibc"] > 32, left    # the default keeps them: the probe sees what it is meant to
+
+
+FAULT_PROBE = """
+import os, resource, sys
+if sys.argv[1] == "sdport":
+    import sdport  # noqa: F401  (before torch, as the command line imports it)
+import torch
+torch.zeros(1)
+f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+x = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB: 16,384 pages of 4 KiB, or 32 huge pages
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f, os.environ.get("THP_MEM_ALLOC_ENABLE"))
+"""
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+def test_importing_sdport_gives_torchs_large_allocations_huge_pages():
+    """sdport asks torch for transparent huge pages before torch is imported (torch reads the setting
+    once, at its first allocation); a user's own value is kept. Where the kernel grants huge pages on
+    request, a 64 MiB tensor then faults in a few dozen times instead of thousands."""
+    import subprocess
+    import sys
+
+    def probe(how, **env):
+        out = subprocess.run([sys.executable, "-c", FAULT_PROBE, how], capture_output=True, text=True, check=True,
+                             env={**{k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}, **env})
+        faults, value = out.stdout.split()
+        return int(faults), value
+
+    with_thp, value = probe("sdport")
+    assert value == "1"
+    kept, value = probe("sdport", THP_MEM_ALLOC_ENABLE="0")
+    assert value == "0"
+    mode = _thp_mode()
+    if mode == "madvise":  # huge pages only where asked for: the setting is what makes the difference
+        assert with_thp < 2048 < 16000 < kept, (with_thp, kept)
+        plain, _ = probe("torch alone")
+        assert plain > 16000, plain
+    elif mode == "always":
+        assert with_thp < 2048, with_thp
