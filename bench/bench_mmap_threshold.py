@@ -17,6 +17,9 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
 CHILD = r"""
 import ctypes, ctypes.util, json, resource, sys, time
 setting = sys.argv[2]
@@ -56,7 +59,8 @@ def main() -> None:
     ap.add_argument("--forwards", type=int, default=3)
     ap.add_argument("--json")
     a = ap.parse_args()
-    out = {"benchmark": "mmap_threshold", "ckpt": a.ckpt, "loadavg_before": os.getloadavg(), "results": []}
+    out = {"benchmark": "mmap_threshold", "settings": vars(a), "machine": common.machine(),
+           "versions": common.versions(), "loadavg_before": os.getloadavg(), "results": []}
     for s in a.settings.split(","):
         env = dict(os.environ)
         env.pop("THP_MEM_ALLOC_ENABLE", None)
@@ -73,9 +77,7 @@ def main() -> None:
         print(f"{s:>8}: load {r['load_s']:.1f} s; forwards {walls} s; minor faults {faults}; "
               f"peak {r['peak_rss_mib']} MiB; sum {r['output_sum']:.6e}", flush=True)
     out["loadavg_after"] = os.getloadavg()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    common.write_json(a.json, out)
 
 
 if __name__ == "__main__":

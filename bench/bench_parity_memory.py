@@ -8,7 +8,10 @@ against the larger model's own forward, each in a fresh process.
 - `forward`: one ldm UNet forward (batch 2, 4x64x64, 77x768 context) with its weights: the larger
   model of the UNet run and its own peak activations (the bound the UNet run is measured against);
 - with `--before REV`, the same commands run from a checkout of REV (a git worktree in a temporary
-  directory, imported ahead of the installed sdport).
+  directory, imported ahead of the installed sdport);
+- `io`: the extra I/O of a run that spills, on its own: `--io-bytes N` (or, by default, the bytes the
+  runs measured here spilled) written as 10 MiB datasets to an HDF5 file in the temporary directory, as
+  the spill writes them, then read back once, each timed (the page cache as the run would find it).
 
 Peak RSS is the child's `ru_maxrss`; the spill each run wrote is in its report (`spilled_bytes`).
 """
@@ -58,6 +61,32 @@ def run(argv: list[str], pythonpath: str | None) -> dict:
             "stdout_tail": stdout[-600:]}
 
 
+def spill_io(nbytes: int) -> dict:
+    """Write `nbytes` as 10 MiB float32 datasets into one HDF5 file (as parity/spill.py writes each
+    layer's tensors), then read them all back: the wall time of each, in one fresh process."""
+    code = r"""
+import sys, tempfile, time, h5py, numpy as np, os
+n = int(sys.argv[1]); block = np.random.default_rng(0).standard_normal(10 << 18, dtype=np.float32)  # 10 MiB
+count = max(1, n // block.nbytes)
+with tempfile.TemporaryDirectory(prefix="sdport-bench-io-") as d:
+    path = os.path.join(d, "spill.h5")
+    t = time.perf_counter()
+    with h5py.File(path, "w") as f:
+        for i in range(count):
+            f.create_dataset(f"{i:06d}", data=block)
+    w = time.perf_counter() - t
+    t = time.perf_counter()
+    with h5py.File(path, "r") as f:
+        for i in range(count):
+            f[f"{i:06d}"][()]
+    r = time.perf_counter() - t
+print(count * block.nbytes, round(w, 2), round(r, 2))
+"""
+    p = subprocess.run([sys.executable, "-c", code, str(nbytes)], capture_output=True, text=True, check=True)
+    done, w, r = p.stdout.split()
+    return {"bytes": int(done), "write_s": float(w), "read_s": float(r)}
+
+
 def checkout(rev: str) -> str:
     """A directory holding `sdport` -> a worktree of `rev` (imported ahead of the installed package)."""
     root = tempfile.mkdtemp(prefix="sdport-before-")
@@ -74,6 +103,7 @@ def main() -> None:
     ap.add_argument("--before", default=None, help="an earlier revision to measure beside this one")
     ap.add_argument("--what", default="forward,unet,txt2img")
     ap.add_argument("--skip-now", action="store_true", help="measure only the --before revision")
+    ap.add_argument("--io-bytes", type=int, default=None, help="bytes for `io` (default: what the runs spilled)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     what = a.what.split(",")
@@ -98,11 +128,17 @@ def main() -> None:
                 try:
                     with open(cmds[w][-1]) as f:
                         rep = json.load(f)
-                    r["spilled_bytes"] = rep.get("inputs", {}).get("spilled_bytes")
+                    steps = [s["report"] for s in rep.get("layers_at_steps", [])]  # txt2img: one per layer step
+                    r["spilled_bytes"] = sum(x.get("inputs", {}).get("spilled_bytes") or 0 for x in steps or [rep])
                 except (OSError, ValueError):
                     pass
                 out["results"][f"{w} ({name})"] = r
                 print(w, name, r["peak_rss_mib"], "MiB", r["wall_s"], "s", flush=True)
+    if "io" in what:
+        n = a.io_bytes or sum(r.get("spilled_bytes") or 0 for r in out["results"].values())
+        if n:
+            out["results"]["io"] = spill_io(n)
+            print("io", out["results"]["io"], flush=True)
     out["machine"]["load_average_after"] = os.getloadavg()
     text = json.dumps(out, indent=1)
     if a.json:

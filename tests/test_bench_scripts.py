@@ -97,6 +97,7 @@ def test_convert_benchmark(tmpdir_env):
     ("bench_walk.py", ()),
     ("bench_io.py", ("--mib", "1", "--runs", "1")),
     ("bench_quant.py", ("--latent", "8")),
+    ("bench_mmap_threshold.py", ("--settings", "default,1+thp", "--forwards", "1")),
 ])
 def test_checkpoint_benchmarks(tmpdir_env, script, args):
     rec = _run(tmpdir_env, script, "--ckpt", _tiny_ckpt(tmpdir_env), *args)
