@@ -4,7 +4,7 @@ ldm UNet forwards (batch 2, 4x64x64, 77x768 context, fp32 CPU), each setting in 
     python bench/bench_mmap_threshold.py --ckpt CKPT [--settings default,1,4,16] [--forwards 3] [--json OUT]
 
 A setting is `default` (glibc's dynamic threshold) or a threshold in MiB, set with
-`mallopt(M_MMAP_THRESHOLD)` before the model is loaded, as `models.memory.map_large_allocations` does;
+`mallopt(M_MMAP_THRESHOLD)` before the model is loaded;
 `+thp` after it runs the child with `THP_MEM_ALLOC_ENABLE=1` (torch then aligns allocations of 2 MiB or
 more to 2 MiB and asks for transparent huge pages on them, where the kernel offers them on `madvise`).
 Every setting runs the same forwards on the same inputs; the outputs' checksum shows they agree.

@@ -59,11 +59,9 @@ def deterministic() -> None:
 
 
 def prepare_run() -> None:
-    """What a parity run sets for its process: fp32 kernels (`deterministic`), and every large allocation
-    its own mapping (`memory.map_large_allocations`: freed activations go back to the system at once,
-    so a pass's peak is what it holds)."""
+    """What a parity run sets for its process: fp32 kernels (`deterministic`). Its allocations take huge
+    pages through the setting importing sdport makes (models/memory.py)."""
     deterministic()
-    memory.map_large_allocations()
 
 
 def dtype_of(name: str) -> torch.dtype:
