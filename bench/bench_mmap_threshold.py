@@ -5,8 +5,8 @@ ldm UNet forwards (batch 2, 4x64x64, 77x768 context, fp32 CPU), each setting in 
 
 A setting is `default` (glibc's dynamic threshold) or a threshold in MiB, set with
 `mallopt(M_MMAP_THRESHOLD)` before the model is loaded;
-`+thp` after it runs the child with `THP_MEM_ALLOC_ENABLE=1` (torch then aligns allocations of 2 MiB or
-more to 2 MiB and asks for transparent huge pages on them, where the kernel offers them on `madvise`).
+`+thp` after it runs the child with `THP_MEM_ALLOC_ENABLE=1` (torch then asks for transparent huge pages
+on its allocations of 2 MiB or more, which a kernel in `madvise` mode grants only on request).
 Every setting runs the same forwards on the same inputs; the outputs' checksum shows they agree.
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ with torch.no_grad():
         y = ref(x, torch.tensor([981, 1]), context=c)
         runs.append({"wall_s": round(time.perf_counter() - t0, 2), "minor_faults": faults() - f0})
 huge = [l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")]
-print(json.dumps({"setting": setting, "anon_huge_pages_at_end": huge[0].split(":")[1].strip() if huge else None, "load_s": round(load_s, 2), "forwards": runs,
+print(json.dumps({"setting": setting, "load_s": round(load_s, 2), "forwards": runs,
+                  "anon_huge_pages_at_end": huge[0].split(":")[1].strip() if huge else None,
                   "output_sum": float(y.double().sum()),
                   "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 """

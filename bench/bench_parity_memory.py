@@ -11,7 +11,8 @@ against the larger model's own forward, each in a fresh process.
   directory, imported ahead of the installed sdport);
 - `io`: the extra I/O of a run that spills, on its own: `--io-bytes N` (or, by default, the bytes the
   runs measured here spilled) written as 10 MiB datasets to an HDF5 file in the temporary directory, as
-  the spill writes them, then read back once, each timed (the page cache as the run would find it).
+  the spill writes them, then read back once, each timed (after the runs, in a process of its own: the
+  page cache holds more of it than a run beside its model would).
 
 Peak RSS is the child's `ru_maxrss`; the spill each run wrote is in its report (`spilled_bytes`).
 """

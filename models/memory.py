@@ -11,8 +11,8 @@ of a few MiB to tens of MiB, among allocations that stay, leaves holes in glibc'
 as resident. Importing sdport sets `THP_MEM_ALLOC_ENABLE=1` (the package's `__init__`), so that torch
 asks for transparent huge pages on its allocations of 2 MiB or more; with it a full-size txt2img parity
 run stays within a few percent of one UNet forward's peak, and runs faster. Fixing glibc's mmap threshold
-low instead (`mallopt`) held the peak as well but cost a tenth of the wall time: every freed block handed
-back, every new one zeroed again. The figures and their commands: bench/README.md, "What the mapped
+low instead (`mallopt`) held the peak as well but cost wall time: every freed block handed back, every
+new one zeroed again. The figures and their commands: bench/README.md, "What the mapped
 allocations cost, and huge pages" (`bench/bench_mmap_threshold.py`).
 """
 from __future__ import annotations

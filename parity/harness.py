@@ -58,12 +58,6 @@ def deterministic() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def prepare_run() -> None:
-    """What a parity run sets for its process: fp32 kernels (`deterministic`). Its allocations take huge
-    pages through the setting importing sdport makes (models/memory.py)."""
-    deterministic()
-
-
 def dtype_of(name: str) -> torch.dtype:
     return devices.resolve_dtype(name, error=ParityError)
 
@@ -313,7 +307,7 @@ def run_parity(component: str, checkpoint: str, *, h5: str | None = None, modes=
     if not modes:
         raise ParityError("no mode: choose accumulated, isolated or both")
     dev, ndtype = resolve_device(device), dtype_of(dtype)
-    prepare_run()
+    deterministic()
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-parity-", dir=spill_dir))
@@ -495,7 +489,7 @@ def record(component: str, checkpoint: str, out: str, *, stats_only: bool = Fals
     `progress(what, done, total)` as layers are written."""
     progress = progress or no_progress
     dev = resolve_device(device)
-    prepare_run()
+    deterministic()
     with tempfile.TemporaryDirectory(prefix="sdport-record-") as work:
         ref, cfg, fmt = load_reference(component, checkpoint)
         ref = ref.to(dev)
@@ -537,7 +531,7 @@ def check(golden_path: str, *, h5: str | None = None, checkpoint: str | None = N
     `progress(what, done, total)` as layers are compared."""
     progress = progress or no_progress
     dev, ndtype = resolve_device(device), dtype_of(dtype)
-    prepare_run()
+    deterministic()
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
         dump = stack.enter_context(golden.ActivationReader(golden_path))

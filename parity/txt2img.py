@@ -38,9 +38,8 @@ from ..models.vae import LATENT_SCALE_SD_V1
 from ..models.dpm_solver import sample_dpmpp2m
 from ..models.samplers import ddim_timesteps, sample_ddim, sample_plms
 from ..models.tokenizer import default_tokenizer
-from .harness import (ParityError, ParityResult, candidate_stage, default_size, device_name,
-                      dtype_of, ensure_h5, load_reference, no_progress, prepare_run, reference_stage, resolve_device,
-                      to_device)
+from .harness import (ParityError, ParityResult, candidate_stage, default_size, deterministic, device_name,
+                      dtype_of, ensure_h5, load_reference, no_progress, reference_stage, resolve_device, to_device)
 from .metrics import IMAGE_PSNR_DB, Tolerance, check, compare, default_tolerance, dtype_key
 from .report import collect_versions, worst_key
 
@@ -543,7 +542,7 @@ def run_txt2img(checkpoint: str, *, prompt: str, h5: str | None = None, negative
     tol = tolerance or latent_tolerance(gate_dtype)
     psnr_min = IMAGE_PSNR_DB[gate_dtype] if image_psnr_db is None else float(image_psnr_db)
     progress = progress or no_progress  # progress(what, done, total, unit) as steps and layers complete
-    prepare_run()
+    deterministic()
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-txt2img-"))
         h5 = ensure_h5(checkpoint, h5, work, P.NEEDS["txt2img"])

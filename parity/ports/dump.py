@@ -41,7 +41,7 @@ def run_dump(component: str, checkpoint: str, spec, *, modes=(ACCUMULATED,), dev
                           f"only accumulated mode compares it")
     pc = entry(component)
     dev = harness.resolve_device(device)
-    harness.prepare_run()
+    harness.deterministic()
     tol = tolerance or default_tolerance(dtype)
     path = spec.target
     with golden.ActivationReader(path) as reader:

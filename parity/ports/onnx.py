@@ -671,7 +671,7 @@ def run_onnx(component: str, checkpoint: str, spec, *, modes=MODES, device: str 
     pc = entry(component)
     modes = tuple(m for m in MODES if m in modes)
     dev = harness.resolve_device(device)
-    harness.prepare_run()
+    harness.deterministic()
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-onnx-"))

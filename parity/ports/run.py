@@ -95,7 +95,7 @@ def run_port(component: str, checkpoint: str, spec: PortSpec, *, modes=MODES, de
     pc = entry(component)
     modes = tuple(m for m in MODES if m in modes)
     dev, pdtype = harness.resolve_device(device), harness.dtype_of(dtype)
-    harness.prepare_run()
+    harness.deterministic()
     tol = tolerance or default_tolerance(dtype)
     with contextlib.ExitStack() as stack:
         work = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="sdport-port-", dir=spill_dir))
